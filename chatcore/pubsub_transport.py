@@ -1,0 +1,238 @@
+"""Google Cloud Pub/Sub plumbing shared by the sync and async room-bus managers.
+
+The managers (``GooglePubSubManager`` and ``AsyncGooglePubSubManager``) only
+decide *when* to publish and how to hand received messages to python-socketio;
+this module owns everything that talks to Pub/Sub:
+
+- the wire format: one Pub/Sub message carries a JSON object
+  ``{"v": 1, "messages": [<manager message>, ...]}``: several emits to the
+  same room packed together, never pickle (CVE-2025-61765);
+- the ordering key: the room an emit addresses, so one room's events stay in
+  order while different rooms flow in parallel;
+- the ``origin`` attribute (the publishing manager's host id), which the
+  per-instance subscription filters out, so an instance never pays to receive
+  its own emits (it has already delivered them locally);
+- creating the per-instance subscription (ordering on, expiration policy so a
+  crashed instance's subscription disappears in production) and deleting it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import uuid
+from typing import Any, Callable, Iterable
+
+from google.api_core import exceptions as gexc
+from google.cloud import pubsub_v1
+
+from .topology import InstanceSubscription
+
+logger = logging.getLogger(__name__)
+
+WIRE_VERSION = 1
+# Pub/Sub accepts 10 MB per message; stay far below so one huge emit cannot
+# make a packed message fail as a whole.
+MAX_PACKED_BYTES = 1_000_000
+
+
+def ordering_key(message: dict) -> str:
+    """Room-based ordering key. Messages that address no room (broadcasts,
+    disconnects, callbacks) are not ordered against each other."""
+    room = message.get("room")
+    if isinstance(room, str):
+        return room
+    if isinstance(room, (list, tuple)) and room:
+        return "|".join(sorted(str(r) for r in room))[:1024]
+    return ""
+
+
+def encode(messages: list[dict], dumps: Callable[[Any], str] = json.dumps) -> bytes:
+    return dumps({"v": WIRE_VERSION, "messages": messages}).encode()
+
+
+def decode(data: bytes, loads: Callable[[str], Any] = json.loads) -> list[dict]:
+    """Manager messages carried by one Pub/Sub message. Malformed input yields []."""
+    try:
+        body = loads(data.decode())
+    except (UnicodeDecodeError, ValueError):
+        logger.warning("dropping a bus message that is not JSON")
+        return []
+    if isinstance(body, dict) and isinstance(body.get("messages"), list):
+        return [m for m in body["messages"] if isinstance(m, dict) and "method" in m]
+    if isinstance(body, dict) and "method" in body:  # a single unpacked message
+        return [body]
+    logger.warning("dropping a bus message of unknown shape")
+    return []
+
+
+def pack(messages: list[dict], dumps: Callable[[Any], str] = json.dumps,
+         max_bytes: int = MAX_PACKED_BYTES) -> Iterable[bytes]:
+    """Encode messages into as few payloads as fit in ``max_bytes`` each, keeping order."""
+    batch: list[dict] = []
+    size = 0
+    for message in messages:
+        item_size = len(dumps(message)) + 1
+        if batch and size + item_size > max_bytes:
+            yield encode(batch, dumps)
+            batch, size = [], 0
+        batch.append(message)
+        size += item_size
+    if batch:
+        yield encode(batch, dumps)
+
+
+class PubSubTransport:
+    """Publishes packed manager messages and runs the per-instance streaming pull."""
+
+    def __init__(self, project_id: str, topic: str, *, host_id: str,
+                 subscription: InstanceSubscription | None = None,
+                 publisher: pubsub_v1.PublisherClient | None = None,
+                 subscriber: pubsub_v1.SubscriberClient | None = None,
+                 dumps: Callable[[Any], str] = json.dumps, loads: Callable[[str], Any] = json.loads,
+                 max_messages_outstanding: int = 1000):
+        self.project_id = project_id
+        self.host_id = host_id
+        self.topic_path = f"projects/{project_id}/topics/{topic}"
+        self.dumps = dumps
+        self.loads = loads
+        self._subscription_template = subscription
+        self._publisher = publisher
+        self._subscriber = subscriber
+        self._max_outstanding = max_messages_outstanding
+        self._lock = threading.Lock()
+        self._pending: set = set()
+        self._pending_empty = threading.Condition(self._lock)
+        self.subscription_path: str | None = None
+        self._streaming = None
+        self.last_publish_error: BaseException | None = None
+
+    # -- clients -------------------------------------------------------
+    @property
+    def publisher(self) -> pubsub_v1.PublisherClient:
+        if self._publisher is None:
+            self._publisher = pubsub_v1.PublisherClient(
+                batch_settings=pubsub_v1.types.BatchSettings(max_latency=0.001, max_messages=500),
+                publisher_options=pubsub_v1.types.PublisherOptions(enable_message_ordering=True),
+            )
+        return self._publisher
+
+    @property
+    def subscriber(self) -> pubsub_v1.SubscriberClient:
+        if self._subscriber is None:
+            self._subscriber = pubsub_v1.SubscriberClient()
+        return self._subscriber
+
+    # -- publishing ----------------------------------------------------
+    def publish(self, messages: list[dict]) -> None:
+        """Publish manager messages, grouped by ordering key (order kept within a key)."""
+        by_key: dict[str, list[dict]] = {}
+        for message in messages:
+            by_key.setdefault(ordering_key(message), []).append(message)
+        for key, group in by_key.items():
+            for payload in pack(group, self.dumps):
+                future = self.publisher.publish(self.topic_path, payload, ordering_key=key, origin=self.host_id)
+                with self._lock:
+                    self._pending.add(future)
+                future.add_done_callback(lambda f, k=key: self._published(f, k))
+
+    def _published(self, future, key: str) -> None:
+        error = future.exception()
+        if error is not None:
+            self.last_publish_error = error
+            logger.error("room bus publish failed (ordering key %r): %s", key, error)
+            if key:
+                # An ordered key pauses after a failure until resumed; later
+                # emits to the room must not be blocked forever.
+                self.publisher.resume_publish(self.topic_path, key)
+        with self._lock:
+            self._pending.discard(future)
+            if not self._pending:
+                self._pending_empty.notify_all()
+
+    def flush(self, timeout: float = 10.0) -> bool:
+        """Wait until everything published so far is acknowledged by Pub/Sub."""
+        with self._lock:
+            return self._pending_empty.wait_for(lambda: not self._pending, timeout)
+
+    # -- per-instance subscription ------------------------------------
+    def create_subscription(self) -> str:
+        template = self._subscription_template
+        if template is None:
+            raise RuntimeError("this transport has no subscription template (write-only?)")
+        name = f"{template.name_prefix}{self.host_id}"
+        path = self.subscriber.subscription_path(self.project_id, name)
+        request = {
+            "name": path,
+            "topic": self.topic_path,
+            "enable_message_ordering": True,
+            "ack_deadline_seconds": template.ack_deadline_seconds,
+            "message_retention_duration": {"seconds": template.message_retention_seconds},
+            "expiration_policy": {"ttl": {"seconds": template.expiration_ttl_seconds}},
+            # Our own emits were delivered locally already.
+            "filter": f'NOT attributes.origin = "{self.host_id}"',
+        }
+        try:
+            self.subscriber.create_subscription(request=request)
+        except gexc.AlreadyExists:
+            pass
+        self.subscription_path = path
+        return path
+
+    def start_pull(self, on_messages: Callable[[list[dict]], None],
+                   on_failure: Callable[[BaseException], None]) -> None:
+        """Stream messages; ``on_messages`` runs on a client thread, in order per room."""
+
+        def callback(message) -> None:
+            try:
+                items = decode(message.data, self.loads)
+            finally:
+                message.ack()  # the bus is real-time: a retry later is worse than a loss now
+            if items:
+                on_messages(items)
+
+        flow = pubsub_v1.types.FlowControl(max_messages=self._max_outstanding)
+        self._streaming = self.subscriber.subscribe(self.subscription_path, callback, flow_control=flow)
+
+        def done(future) -> None:
+            error = future.exception() if not future.cancelled() else None
+            if error is not None:
+                on_failure(error)
+
+        self._streaming.add_done_callback(done)
+
+    @property
+    def pulling(self) -> bool:
+        return self._streaming is not None and not self._streaming.done()
+
+    def stop_pull(self) -> None:
+        if self._streaming is not None:
+            self._streaming.cancel()
+            try:
+                self._streaming.result(timeout=5)
+            except Exception:  # cancelled futures raise; nothing to report
+                pass
+            self._streaming = None
+
+    def delete_subscription(self) -> None:
+        if self.subscription_path is None:
+            return
+        try:
+            self.subscriber.delete_subscription(request={"subscription": self.subscription_path}, timeout=5)
+        except gexc.NotFound:
+            pass
+        self.subscription_path = None
+
+    def check(self, timeout: float = 3.0) -> None:
+        """Raise if Pub/Sub cannot be reached (used by readiness probes)."""
+        self.publisher.get_topic(request={"topic": self.topic_path}, timeout=timeout)
+
+    def close(self) -> None:
+        self.stop_pull()
+        self.flush()
+        self.delete_subscription()
+
+
+def new_host_id() -> str:
+    return uuid.uuid4().hex

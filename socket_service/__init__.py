@@ -1,0 +1,1 @@
+"""The Cloud Run Socket.IO service: connections, JWT auth, rooms, HTTP API."""

@@ -1,0 +1,117 @@
+"""Builds the socket service: ``create_app(settings, ...)`` returns an aiohttp app.
+
+Google Cloud clients are created here, once, unless the caller injects them
+(tests, benchmarks). Start-up creates this instance's bus subscription before
+the port serves traffic; shutdown (SIGTERM) marks the instance not ready,
+disconnects its clients so they reconnect elsewhere, and deletes the
+subscription.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import logging
+
+import socketio
+from aiohttp import web
+from google.cloud import firestore, pubsub_v1
+
+from chatcore import protocol, topology
+from chatcore.ai_requests import AiRequest
+from chatcore.async_pubsub_manager import AsyncGooglePubSubManager
+from chatcore.auth import TokenVerifier
+from chatcore.store import ChatStore
+
+from . import http_api
+from .realtime import ChatNamespace
+from .settings import Settings
+
+logger = logging.getLogger(__name__)
+
+
+class AiRequestPublisher:
+    """Hands a reply request to the AI function through the ``ai-requests`` topic.
+
+    If Pub/Sub refuses it (after the client's own retries), the reply is
+    marked failed and the room is told, so nobody waits for it forever.
+    """
+
+    def __init__(self, publisher: pubsub_v1.PublisherClient, project_id: str, topic: str,
+                 store: ChatStore, sio: socketio.AsyncServer):
+        self.publisher = publisher
+        self.topic_path = f"projects/{project_id}/topics/{topic}"
+        self.store = store
+        self.sio = sio
+
+    async def __call__(self, request: AiRequest) -> None:
+        try:
+            future = self.publisher.publish(self.topic_path, request.encode(), **request.attributes())
+            await asyncio.wrap_future(future)
+        except Exception as exc:
+            logger.error("could not publish AI request for %s: %s", request.message_id, exc)
+            if await self.store.fail_reply(request.conversation_id, request.message_id, "unavailable",
+                                           "the AI service could not be reached"):
+                await self.sio.emit(protocol.AI_RESPONSE_ERROR, protocol.ai_error_payload(
+                    request.conversation_id, request.message_id, "unavailable",
+                    "the AI service could not be reached"), room=protocol.conversation_room(request.conversation_id))
+
+
+def create_app(settings: Settings, *, firestore_client=None, publisher=None, subscriber=None,
+               verifier: TokenVerifier | None = None) -> web.Application:
+    topo = topology.load()
+    db = firestore_client or firestore.AsyncClient(project=settings.gcp.project_id,
+                                                   database=settings.gcp.firestore_database)
+    store = ChatStore(db)
+    bus = AsyncGooglePubSubManager(
+        settings.gcp.project_id, topo.chat_events_topic, subscription=topo.instance_subscription,
+        pack_window=settings.bus_pack_window_ms / 1000, publisher=publisher, subscriber=subscriber,
+        logger=logging.getLogger("chatcore.bus"))
+    sio = socketio.AsyncServer(
+        async_mode="aiohttp", client_manager=bus, cors_allowed_origins=list(settings.cors_allowed_origins)
+        if "*" not in settings.cors_allowed_origins else "*",
+        max_http_buffer_size=settings.max_http_buffer_size, logger=False, engineio_logger=False)
+    verifier = verifier or TokenVerifier(settings.auth)
+    ai_requests = AiRequestPublisher(bus.transport.publisher, settings.gcp.project_id, topo.ai_requests_topic,
+                                     store, sio)
+    sio.register_namespace(ChatNamespace(settings, store, verifier, ai_requests))
+
+    app = web.Application(middlewares=[http_api.cors_middleware(settings.cors_allowed_origins),
+                                       http_api.error_middleware], client_max_size=1024 * 1024)
+    app[http_api.SETTINGS] = settings
+    app[http_api.STORE] = store
+    app[http_api.VERIFIER] = verifier
+    app[http_api.SIO] = sio
+    app[http_api.STATE] = {"bus": bus, "shutting_down": False}
+    sio.attach(app)
+    http_api.add_routes(app, settings)
+
+    async def on_startup(app: web.Application) -> None:
+        await bus.start()
+        if settings.gc_tuning:
+            # Fewer, cheaper collections: Python's cyclic GC is the main source
+            # of latency tails under fan-out (see DESIGN.md). Objects alive
+            # after start-up are frozen out of future collections.
+            gc.collect()
+            gc.freeze()
+            gc.set_threshold(50_000, 20, 10)
+        logger.info("socket service ready on %s:%s (subscription %s)", settings.host, settings.port,
+                    bus.transport.subscription_path)
+
+    async def on_shutdown(app: web.Application) -> None:
+        app[http_api.STATE]["shutting_down"] = True
+        sids = [sid for sid, _ in bus.get_participants("/", None)]
+        logger.info("shutting down: disconnecting %d clients", len(sids))
+        # ignore_queue: these clients are ours; telling the bus would cost one
+        # message per client for nothing.
+        await asyncio.gather(*(sio.disconnect(sid, ignore_queue=True) for sid in sids), return_exceptions=True)
+        await sio.shutdown()
+        await bus.close()
+
+    async def on_cleanup(app: web.Application) -> None:
+        db.close()
+
+    app.on_startup.append(on_startup)
+    app.on_shutdown.append(on_shutdown)
+    app.on_cleanup.append(on_cleanup)
+    return app

@@ -1,0 +1,239 @@
+"""The HTTP API of PROTOCOL.md, on aiohttp.
+
+Every ``/api/*`` route except the dev token needs ``Authorization: Bearer``.
+Errors are ``{"error": {"code", "message"}}`` with the status of the
+``ChatError`` raised; the mapping lives only in ``error_middleware``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from typing import Awaitable, Callable
+
+from aiohttp import web
+
+from chatcore import protocol, store as store_mod
+from chatcore.auth import Identity, TokenVerifier, bearer_token, issue_token
+from chatcore.errors import ChatError, InvalidArgument, NotFound, Unauthenticated
+
+from .settings import Settings
+
+logger = logging.getLogger(__name__)
+
+SETTINGS = web.AppKey("settings", Settings)
+STORE = web.AppKey("store", store_mod.ChatStore)
+VERIFIER = web.AppKey("verifier", TokenVerifier)
+SIO = web.AppKey("sio", object)
+STATE = web.AppKey("state", dict)
+
+MAX_JSON_BODY = 64 * 1024
+
+
+def _error_response(err: ChatError) -> web.Response:
+    return web.json_response({"error": err.to_dict()}, status=err.http_status)
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]):
+    try:
+        return await handler(request)
+    except ChatError as err:
+        return _error_response(err)
+    except web.HTTPException as exc:
+        if exc.status == 404:
+            return _error_response(NotFound("no such route"))
+        if exc.status == 405:
+            return web.json_response({"error": {"code": "invalid_argument", "message": "method not allowed"}},
+                                     status=405)
+        raise
+    except Exception:
+        logger.exception("HTTP %s %s failed", request.method, request.path)
+        return _error_response(ChatError("internal error"))
+
+
+def cors_middleware(allowed: tuple[str, ...]):
+    allow_all = "*" in allowed
+
+    @web.middleware
+    async def middleware(request: web.Request, handler):
+        origin = request.headers.get("Origin")
+        ok = origin is not None and (allow_all or origin in allowed)
+        if request.method == "OPTIONS" and request.path.startswith("/api/") and origin:
+            if not ok:
+                return web.Response(status=403)
+            response = web.Response(status=204)
+            response.headers["Access-Control-Allow-Methods"] = "GET, POST, PATCH, DELETE, OPTIONS"
+            response.headers["Access-Control-Allow-Headers"] = "Authorization, Content-Type"
+            response.headers["Access-Control-Max-Age"] = "600"
+        else:
+            response = await handler(request)
+        if ok and not request.path.startswith("/socket.io"):
+            response.headers["Access-Control-Allow-Origin"] = origin
+            response.headers["Vary"] = "Origin"
+        return response
+
+    return middleware
+
+
+async def identity(request: web.Request) -> Identity:
+    token = bearer_token(request.headers.get("Authorization"))
+    if token is None:
+        raise Unauthenticated("missing Authorization: Bearer token")
+    verifier = request.app[VERIFIER]
+    if verifier.uses_network(token):
+        return await asyncio.to_thread(verifier.verify, token)
+    return verifier.verify(token)
+
+
+async def json_body(request: web.Request) -> dict:
+    if request.content_length is not None and request.content_length > MAX_JSON_BODY:
+        raise InvalidArgument("body too large")
+    raw = await request.content.read(MAX_JSON_BODY + 1)
+    if len(raw) > MAX_JSON_BODY:
+        raise InvalidArgument("body too large")
+    if not raw.strip():
+        return {}
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        raise InvalidArgument("body must be JSON") from None
+    if not isinstance(body, dict):
+        raise InvalidArgument("body must be a JSON object")
+    return body
+
+
+def conversation_id(request: web.Request) -> str:
+    return protocol.parse_conversation_id(request.match_info["conversation_id"])
+
+
+# -- health ---------------------------------------------------------------
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    if state.get("shutting_down"):
+        return web.json_response({"status": "shutting down"}, status=503)
+    checks = {}
+    try:
+        await request.app[STORE].ping()
+        checks["firestore"] = "ok"
+    except Exception as exc:  # any failure means not ready; say which
+        checks["firestore"] = f"unreachable: {type(exc).__name__}"
+    bus = state["bus"]
+    try:
+        await bus.check()
+        checks["bus"] = "ok" if bus.healthy else "not listening"
+    except Exception as exc:
+        checks["bus"] = f"unreachable: {type(exc).__name__}"
+    ready = all(v == "ok" for v in checks.values())
+    return web.json_response({"status": "ok" if ready else "unavailable", "checks": checks},
+                             status=200 if ready else 503)
+
+
+async def config_json(request: web.Request) -> web.Response:
+    s = request.app[SETTINGS]
+    return web.json_response({
+        "upload_url": s.upload_url,
+        "max_upload_bytes": s.upload_limits.max_upload_bytes,
+        "allowed_content_types": list(s.upload_limits.allowed_content_types),
+        "max_message_chars": s.max_message_chars,
+        "auth_mode": "dev" if s.dev_tokens else "jwt",
+        "ai_provider": s.ai_provider,
+    })
+
+
+async def dev_token(request: web.Request) -> web.Response:
+    s = request.app[SETTINGS]
+    body = await json_body(request)
+    user_id = protocol.parse_user_id(body.get("user_id"))
+    name = body.get("name")
+    if name is not None and (not isinstance(name, str) or len(name) > 100):
+        raise InvalidArgument("name must be a string of at most 100 characters")
+    token = issue_token(s.auth.secret, user_id, name=name or None, ttl_seconds=s.dev_token_ttl_seconds,
+                        algorithm=next(a for a in s.auth.algorithms if a.startswith("HS")),
+                        extra={k: v for k, v in (("iss", s.auth.issuer), ("aud", s.auth.audience)) if v})
+    return web.json_response({"token": token})
+
+
+# -- conversations -------------------------------------------------------
+async def create_conversation(request: web.Request) -> web.Response:
+    user = await identity(request)
+    body = await json_body(request)
+    conv = await request.app[STORE].create_conversation(user.user_id, store_mod.clean_title(body.get("title")))
+    return web.json_response(conv.to_wire(), status=201)
+
+
+async def list_conversations(request: web.Request) -> web.Response:
+    user = await identity(request)
+    limit = store_mod.page_size(request.query.get("limit"))
+    items, cursor = await request.app[STORE].list_conversations(user.user_id, limit, request.query.get("cursor"))
+    return web.json_response({"items": [c.to_wire() for c in items], "next_cursor": cursor})
+
+
+async def rename_conversation(request: web.Request) -> web.Response:
+    user = await identity(request)
+    body = await json_body(request)
+    if "title" not in body:
+        raise InvalidArgument("title is required")
+    conv = await request.app[STORE].rename_conversation(conversation_id(request), user.user_id,
+                                                        store_mod.clean_title(body["title"]))
+    return web.json_response(conv.to_wire())
+
+
+async def delete_conversation(request: web.Request) -> web.Response:
+    user = await identity(request)
+    cid = conversation_id(request)
+    await request.app[STORE].delete_conversation(cid, user.user_id)
+    await request.app[SIO].close_room(protocol.conversation_room(cid))
+    return web.Response(status=204)
+
+
+async def add_participant(request: web.Request) -> web.Response:
+    user = await identity(request)
+    body = await json_body(request)
+    new_user = protocol.parse_user_id(body.get("user_id"))
+    conv = await request.app[STORE].add_participant(conversation_id(request), user.user_id, new_user)
+    return web.json_response({"participants": list(conv.participants)})
+
+
+async def remove_participant(request: web.Request) -> web.Response:
+    user = await identity(request)
+    cid = conversation_id(request)
+    removed = protocol.parse_user_id(request.match_info["user_id"])
+    conv = await request.app[STORE].remove_participant(cid, user.user_id, removed)
+    # The removed user's open connections, on every instance, leave the room
+    # and are told so; they would otherwise keep receiving its events.
+    room = protocol.conversation_room(cid)
+    await request.app[STATE]["bus"].leave_room_members(protocol.user_room(removed), room)
+    await request.app[SIO].emit(protocol.LEFT_ROOM, {"conversation_id": cid, "message": "removed from the conversation"},
+                                room=protocol.user_room(removed))
+    return web.json_response({"participants": list(conv.participants)})
+
+
+async def list_messages(request: web.Request) -> web.Response:
+    user = await identity(request)
+    cid = conversation_id(request)
+    store = request.app[STORE]
+    await store.require_participant(cid, user.user_id)
+    limit = store_mod.page_size(request.query.get("limit"))
+    items, before = await store.list_messages(cid, limit, request.query.get("before"))
+    return web.json_response({"items": [m.to_wire(with_status=True) for m in items], "next_before": before})
+
+
+def add_routes(app: web.Application, settings: Settings) -> None:
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/config.json", config_json)
+    if settings.dev_tokens:
+        app.router.add_post("/api/dev/token", dev_token)
+    app.router.add_post("/api/conversations", create_conversation)
+    app.router.add_get("/api/conversations", list_conversations)
+    app.router.add_patch("/api/conversations/{conversation_id}", rename_conversation)
+    app.router.add_delete("/api/conversations/{conversation_id}", delete_conversation)
+    app.router.add_post("/api/conversations/{conversation_id}/participants", add_participant)
+    app.router.add_delete("/api/conversations/{conversation_id}/participants/{user_id}", remove_participant)
+    app.router.add_get("/api/conversations/{conversation_id}/messages", list_messages)

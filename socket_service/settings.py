@@ -1,0 +1,89 @@
+"""Settings of the socket service; the only module that reads its environment.
+
+Precedence: keyword overrides given to ``Settings.from_env`` > environment >
+defaults below. Every variable is listed, with its meaning, in README.md.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Mapping
+from urllib.parse import urlparse
+
+from chatcore.auth import HMAC_ALGORITHMS, AuthConfig
+from chatcore.config import (ENV_LOCAL, ENV_PRODUCTION, ENVIRONMENTS, GcpConfig, UploadLimits, env_bool,
+                             env_choice, env_float, env_int, env_list, env_str, process_environ)
+from chatcore.errors import ConfigError
+
+AI_PROVIDERS = ("offline", "gemini", "openai")
+
+
+@dataclass(frozen=True)
+class Settings:
+    environment: str
+    host: str
+    port: int
+    gcp: GcpConfig
+    auth: AuthConfig
+    dev_tokens: bool
+    dev_token_ttl_seconds: int
+    cors_allowed_origins: tuple[str, ...]
+    max_message_chars: int
+    max_http_buffer_size: int
+    upload_url: str
+    upload_limits: UploadLimits
+    ai_provider: str
+    bus_pack_window_ms: float
+    events_per_second: float
+    event_burst: int
+    shutdown_grace_seconds: float
+    gc_tuning: bool
+    log_level: str
+
+    @property
+    def is_local(self) -> bool:
+        return self.environment == ENV_LOCAL
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides) -> "Settings":
+        env = process_environ() if environ is None else environ
+        environment = env_choice(env, "CHAT_ENV", ENV_LOCAL, ENVIRONMENTS)
+        local = environment == ENV_LOCAL
+        port = env_int(env, "CHAT_PORT", env_int(env, "PORT", 8080, minimum=1, maximum=65535),
+                       minimum=1, maximum=65535)
+        settings = cls(
+            environment=environment,
+            host=env_str(env, "CHAT_HOST", "127.0.0.1" if local else "0.0.0.0"),
+            port=port,
+            gcp=GcpConfig.from_env(env),
+            auth=AuthConfig.from_env(env),
+            dev_tokens=env_bool(env, "DEV_TOKENS", local),
+            dev_token_ttl_seconds=env_int(env, "DEV_TOKEN_TTL_SECONDS", 3600, minimum=5, maximum=86400),
+            cors_allowed_origins=env_list(env, "CORS_ALLOWED_ORIGINS", ("*",) if local else ()),
+            max_message_chars=env_int(env, "MAX_MESSAGE_CHARS", 8000, minimum=1),
+            max_http_buffer_size=env_int(env, "MAX_HTTP_BUFFER_SIZE", 1_000_000, minimum=1024),
+            upload_url=env_str(env, "UPLOAD_URL", "http://127.0.0.1:8081/" if local else ""),
+            upload_limits=UploadLimits.from_env(env),
+            ai_provider=env_choice(env, "AI_PROVIDER", "offline", AI_PROVIDERS),
+            bus_pack_window_ms=env_float(env, "BUS_PACK_WINDOW_MS", 2.0, minimum=0, maximum=100),
+            events_per_second=env_float(env, "EVENTS_PER_SECOND", 20.0, minimum=0.1),
+            event_burst=env_int(env, "EVENT_BURST", 40, minimum=1),
+            shutdown_grace_seconds=env_float(env, "SHUTDOWN_GRACE_SECONDS", 8.0, minimum=0, maximum=60),
+            gc_tuning=env_bool(env, "GC_TUNING", True),
+            log_level=env_choice(env, "LOG_LEVEL", "info", ("debug", "info", "warning", "error")),
+        )
+        settings = replace(settings, **overrides)
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        if self.environment == ENV_PRODUCTION:
+            if self.dev_tokens:
+                raise ConfigError("DEV_TOKENS is enabled but CHAT_ENV=production: refusing to start")
+            if not self.cors_allowed_origins or "*" in self.cors_allowed_origins:
+                raise ConfigError("CHAT_ENV=production needs explicit CORS_ALLOWED_ORIGINS (no '*')")
+        if self.dev_tokens and not any(a in HMAC_ALGORITHMS for a in self.auth.algorithms):
+            raise ConfigError("DEV_TOKENS needs an HS* algorithm in JWT_ALGORITHMS and a JWT_SECRET")
+        parsed = urlparse(self.upload_url)
+        if parsed.scheme not in ("http", "https") or not parsed.netloc:
+            raise ConfigError("UPLOAD_URL must be an absolute http(s) URL")
