@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 from urllib.parse import parse_qs
 
 import jwt
@@ -54,7 +55,7 @@ class AuthConfig:
             raise ConfigError(f"JWT_LEEWAY_SECONDS must be between 0 and {MAX_LEEWAY_SECONDS:g}")
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str]) -> "AuthConfig":
+    def from_env(cls, environ: Mapping[str, str]) -> AuthConfig:
         return cls(
             algorithms=env_list(environ, "JWT_ALGORITHMS", ("HS256",)),
             secret=env_str(environ, "JWT_SECRET"),

@@ -9,8 +9,8 @@ Precedence: an explicit override passed to ``Settings.from_env(environ,
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
 
 from .errors import ConfigError
 
@@ -97,7 +97,7 @@ class GcpConfig:
     storage_emulator_host: str = ""
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str]) -> "GcpConfig":
+    def from_env(cls, environ: Mapping[str, str]) -> GcpConfig:
         project = env_str(environ, "GOOGLE_CLOUD_PROJECT")
         if not project:
             raise ConfigError("GOOGLE_CLOUD_PROJECT is required")
@@ -129,7 +129,7 @@ class UploadLimits:
     allowed_content_types: tuple[str, ...] = DEFAULT_ALLOWED_CONTENT_TYPES
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str]) -> "UploadLimits":
+    def from_env(cls, environ: Mapping[str, str]) -> UploadLimits:
         return cls(
             max_upload_bytes=env_int(environ, "MAX_UPLOAD_BYTES", cls.max_upload_bytes, minimum=1),
             allowed_content_types=env_list(environ, "ALLOWED_CONTENT_TYPES", DEFAULT_ALLOWED_CONTENT_TYPES),

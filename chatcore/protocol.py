@@ -8,7 +8,7 @@ cannot drift apart. PROTOCOL.md is the prose documentation of this module.
 from __future__ import annotations
 
 import re
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from .errors import InvalidArgument
@@ -75,7 +75,7 @@ def parse_user_id(value: Any) -> str:
 
 def timestamp(moment: datetime) -> str:
     """RFC 3339 UTC with microseconds and a Z suffix."""
-    return moment.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def error_payload(code: str, message: str, event: str | None = None) -> dict:

@@ -22,7 +22,8 @@ import json
 import logging
 import threading
 import uuid
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 from google.api_core import exceptions as gexc
 from google.cloud import pubsub_v1

@@ -28,7 +28,7 @@ import binascii
 import hashlib
 import secrets
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from google.api_core import exceptions as gexc
@@ -50,7 +50,7 @@ TOUCH_INTERVAL = timedelta(seconds=1)
 
 
 def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 def _micros(moment: datetime) -> int:
@@ -126,7 +126,7 @@ class Conversation:
     updated_at: datetime
 
     @classmethod
-    def from_doc(cls, doc) -> "Conversation":
+    def from_doc(cls, doc) -> Conversation:
         d = doc.to_dict()
         return cls(id=doc.id, owner_id=d["owner_id"], participants=tuple(d.get("participants", ())),
                    title=d.get("title", ""), created_at=d["created_at"], updated_at=d["updated_at"])
@@ -157,7 +157,7 @@ class Message:
     extra: dict = field(default_factory=dict)
 
     @classmethod
-    def from_doc(cls, conversation_id: str, doc) -> "Message":
+    def from_doc(cls, conversation_id: str, doc) -> Message:
         d = doc.to_dict()
         return cls(id=doc.id, conversation_id=conversation_id, role=d["role"], content=d.get("content", ""),
                    user_id=d.get("user_id", ""), created_at=d["created_at"], status=d.get("status", ""),

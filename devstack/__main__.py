@@ -24,8 +24,10 @@ def _port(name: str, default: int) -> int:
 def main() -> int:
     missing = check_prerequisites()
     if missing:
-        print("make dev cannot start; missing:", *(f"  - {m}" for m in missing), sep="\n", file=sys.stderr)
+        print("The local stack cannot run; missing:", *(f"  - {m}" for m in missing), sep="\n", file=sys.stderr)
         return 1
+    if "--check" in sys.argv[1:]:
+        return 0
     ports = Ports(
         chat=_port("CHAT_PORT", 8080),
         firestore=_port("DEV_FIRESTORE_PORT", 0) or free_port(),

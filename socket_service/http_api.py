@@ -10,11 +10,12 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from typing import Awaitable, Callable
+from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from chatcore import protocol, store as store_mod
+from chatcore import protocol
+from chatcore import store as store_mod
 from chatcore.auth import Identity, TokenVerifier, bearer_token, issue_token
 from chatcore.errors import ChatError, InvalidArgument, NotFound, Unauthenticated
 

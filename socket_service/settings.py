@@ -6,13 +6,25 @@ defaults below. Every variable is listed, with its meaning, in README.md.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
-from typing import Mapping
 from urllib.parse import urlparse
 
 from chatcore.auth import HMAC_ALGORITHMS, AuthConfig
-from chatcore.config import (ENV_LOCAL, ENV_PRODUCTION, ENVIRONMENTS, GcpConfig, UploadLimits, env_bool,
-                             env_choice, env_float, env_int, env_list, env_str, process_environ)
+from chatcore.config import (
+    ENV_LOCAL,
+    ENV_PRODUCTION,
+    ENVIRONMENTS,
+    GcpConfig,
+    UploadLimits,
+    env_bool,
+    env_choice,
+    env_float,
+    env_int,
+    env_list,
+    env_str,
+    process_environ,
+)
 from chatcore.errors import ConfigError
 
 AI_PROVIDERS = ("offline", "gemini", "openai")
@@ -45,7 +57,7 @@ class Settings:
         return self.environment == ENV_LOCAL
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides) -> "Settings":
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides) -> Settings:
         env = process_environ() if environ is None else environ
         environment = env_choice(env, "CHAT_ENV", ENV_LOCAL, ENVIRONMENTS)
         local = environment == ENV_LOCAL
