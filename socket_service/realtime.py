@@ -28,6 +28,18 @@ logger = logging.getLogger(__name__)
 MAX_CLIENT_MESSAGE_ID = 128
 
 
+def connection_refused(err: ChatError) -> socketio.exceptions.ConnectionRefusedError:
+    """A refusal whose CONNECT_ERROR packet is ``{code, message, data: {code, message}}``.
+
+    python-socketio clients get the packet's data as the ``connect_error``
+    argument; socket.io-client (JS) builds ``Error(data.message)`` with
+    ``err.data = data.data``. Both therefore see ``{code, message}``.
+    """
+    refusal = socketio.exceptions.ConnectionRefusedError()
+    refusal.error_args = {**err.to_dict(), "data": err.to_dict()}
+    return refusal
+
+
 class ChatNamespace(socketio.AsyncNamespace):
     def __init__(self, settings: Settings, store: ChatStore, verifier: TokenVerifier, ai_requests,
                  namespace: str = "/"):
@@ -73,7 +85,7 @@ class ChatNamespace(socketio.AsyncNamespace):
             else:
                 identity = self.verifier.verify(token)
         except Unauthenticated as err:
-            raise socketio.exceptions.ConnectionRefusedError(err.to_dict()) from None
+            raise connection_refused(err) from None
         await self.save_session(sid, {"user_id": identity.user_id, "name": identity.name})
         await self.enter_room(sid, protocol.user_room(identity.user_id))
         self._buckets[sid] = TokenBucket(self.settings.events_per_second, self.settings.event_burst)
