@@ -164,6 +164,7 @@ class ChatClient:
     async def close(self):
         if self.sio.connected:
             await self.sio.disconnect()
+        await self.sio.eio._reset()  # closes the HTTP session even after a refused connect
 
 
 @pytest.fixture
