@@ -119,3 +119,29 @@ async def test_integer_conversation_id_is_accepted(service, make_token, clients,
     client = await clients(service, make_token(user))
     ack = await client.call("join_room", {"conversation_id": int(numeric)})
     assert ack["ok"] is True and ack["conversation_id"] == numeric
+
+
+async def test_join_returns_gap_free_snapshot_of_replies_in_progress(service, api, make_token, clients,
+                                                                     firestore_db):
+    token = make_token()
+    conv = await api.create_conversation(token)
+    client = await clients(service, token)
+    await client.call("join_room", {"conversation_id": conv["id"]})
+    first = await client.call("send_message", {"conversation_id": conv["id"], "message": "one"})
+    second = await client.call("send_message", {"conversation_id": conv["id"], "message": "two"})
+    replies = [f"{first['message_id']}-r", f"{second['message_id']}-r"]
+    messages = firestore_db.collection("conversations").document(conv["id"]).collection("messages")
+    # What the AI function does: store each chunk before emitting it.
+    messages.document(replies[0]).update({"status": "streaming"})
+    for seq, text in ((1, "Hel"), (2, "lo"), (3, " wor")):
+        messages.document(replies[0]).collection("chunks").document(f"{seq:010d}").set({"seq": seq, "text": text})
+    late = await clients(service, token)
+    ack = await late.call("join_room", {"conversation_id": conv["id"]})
+    assert sorted(ack["streaming"], key=lambda s: s["seq"]) == [
+        {"message_id": replies[1], "content": "", "seq": 0},
+        {"message_id": replies[0], "content": "Hello wor", "seq": 3},
+    ]
+    assert (await late.wait_for("joined_room"))["streaming"] == ack["streaming"]
+    messages.document(replies[0]).update({"status": "complete", "content": "Hello world"})
+    ack = await late.call("join_room", {"conversation_id": conv["id"]})
+    assert ack["streaming"] == [{"message_id": replies[1], "content": "", "seq": 0}]
