@@ -8,6 +8,7 @@ import sys
 
 import aiohttp
 import pytest
+import socketio
 from google.cloud import pubsub_v1
 
 from chatcore import topology
@@ -64,7 +65,7 @@ async def test_cors_origins_and_graceful_sigterm(stack, restricted_instance, mak
             assert "Access-Control-Allow-Origin" not in r.headers
 
     refused = ChatClient(url, make_token(), headers={"Origin": "http://evil.example"})
-    with pytest.raises(Exception):
+    with pytest.raises(socketio.exceptions.ConnectionError):
         await refused.connect()
     await refused.close()
     client = await ChatClient(url, make_token(), headers={"Origin": ALLOWED}).connect()
