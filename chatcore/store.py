@@ -36,6 +36,7 @@ from google.cloud import firestore
 
 from . import protocol
 from .errors import Forbidden, InvalidArgument, NotFound
+from .quotas import QUOTAS, QuotaPolicy, admit
 
 CONVERSATIONS = "conversations"
 MESSAGES = "messages"
@@ -278,12 +279,15 @@ class ChatStore:
 
     # -- messages ------------------------------------------------------
     async def post_user_message(self, conv: Conversation, user_id: str, username: str, content: str,
-                                client_message_id: str | None) -> tuple[Message, Message, bool]:
-        """Store a user message and its pending assistant reply in one atomic commit.
+                                client_message_id: str | None, quota: QuotaPolicy | None = None
+                                ) -> tuple[Message, Message, bool]:
+        """Store a user message and its pending assistant reply in one transaction.
 
         Returns ``(user_message, reply, created)``. With a ``client_message_id``
         the ids are deterministic, so a retry finds the first attempt's
-        documents and ``created`` is False: nothing new is written.
+        documents and ``created`` is False: nothing new is written. With a
+        ``quota``, the user's limits are checked and counted in the same
+        transaction; ``RateLimited`` means nothing was stored.
         """
         now = utcnow()
         mid = user_message_id(conv.id, user_id, client_message_id) if client_message_id else new_id()
@@ -294,18 +298,32 @@ class ChatStore:
         reply = Message(id=reply_id(mid), conversation_id=conv.id, role=protocol.ROLE_ASSISTANT, content="",
                         user_id=user_id, created_at=now + timedelta(microseconds=1), status=protocol.PENDING,
                         reply_to=mid)
-        batch = self.db.batch()
-        batch.create(self.message_ref(conv.id, user_msg.id), user_msg.to_doc())
-        batch.create(self.message_ref(conv.id, reply.id), reply.to_doc())
-        if now - conv.updated_at >= TOUCH_INTERVAL:
-            batch.update(self.conversation_ref(conv.id),
-                         {"updated_at": now, "updated_key": order_key(now, conv.id)})
+        user_ref, reply_ref = self.message_ref(conv.id, mid), self.message_ref(conv.id, reply.id)
+        quota_ref = self.db.collection(QUOTAS).document(user_id)
+
+        @firestore.async_transactional
+        async def write(transaction) -> bool:
+            if client_message_id:
+                existing = await user_ref.get(transaction=transaction)
+                if existing.exists:
+                    return False
+            if quota is not None:
+                snapshot = await quota_ref.get(transaction=transaction)
+                transaction.set(quota_ref, admit(snapshot.to_dict() if snapshot.exists else None,
+                                                 reply.id, now, quota))
+            transaction.create(user_ref, user_msg.to_doc())
+            transaction.create(reply_ref, {**reply.to_doc(), "heartbeat_at": reply.created_at})
+            if now - conv.updated_at >= TOUCH_INTERVAL:
+                transaction.update(self.conversation_ref(conv.id),
+                                   {"updated_at": now, "updated_key": order_key(now, conv.id)})
+            return True
+
         try:
-            await batch.commit()
-        except gexc.AlreadyExists:
-            existing = await self.get_message(conv.id, mid)
-            existing_reply = await self.get_message(conv.id, reply.id)
-            return existing, existing_reply, False
+            created = await write(self.db.transaction())
+        except gexc.AlreadyExists:  # a concurrent retry of the same message won the race
+            created = False
+        if not created:
+            return await self.get_message(conv.id, mid), await self.get_message(conv.id, reply.id), False
         return user_msg, reply, True
 
     async def get_message(self, conversation_id: str, message_id: str) -> Message:

@@ -33,6 +33,7 @@ def main() -> int:
         firestore=_port("DEV_FIRESTORE_PORT", 0) or free_port(),
         pubsub=_port("DEV_PUBSUB_PORT", 0) or free_port(),
         gcs=_port("DEV_GCS_PORT", 0) or free_port(),
+        ai=_port("DEV_AI_PORT", 0) or free_port(),
     )
     stack = Stack(ports=ports, log_dir=Path(os.environ.get("DEV_LOG_DIR", ROOT / ".devstack" / "logs")))
     stop = threading.Event()
@@ -46,11 +47,14 @@ def main() -> int:
     try:
         stack.start_emulators()
         if not stop.is_set():
+            stack.start_ai_function()
             stack.start_socket_service()
             print(f"{'component':<20} address", flush=True)
             print(f"{'firestore emulator':<20} 127.0.0.1:{ports.firestore}")
             print(f"{'pubsub emulator':<20} 127.0.0.1:{ports.pubsub}")
             print(f"{'fake-gcs-server':<20} http://127.0.0.1:{ports.gcs}")
+            print(f"{'ai_stream function':<20} http://127.0.0.1:{ports.ai} (AI_PROVIDER="
+                  f"{os.environ.get('AI_PROVIDER', 'offline')})")
             print(f"{'socket service':<20} {stack.chat_url()}")
             print(f"logs in {stack.log_dir}")
             print(f"READY {stack.chat_url()}", flush=True)

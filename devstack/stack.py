@@ -19,7 +19,7 @@ from pathlib import Path
 
 from chatcore import topology
 
-from .processes import Managed, http_ok, stop_all
+from .processes import Managed, http_ok, port_accepts, stop_all
 
 ROOT = Path(__file__).resolve().parent.parent
 # Headers the browser sends on a signed PUT; fake-gcs-server must allow them in CORS.
@@ -32,6 +32,7 @@ class Ports:
     pubsub: int
     gcs: int
     chat: int
+    ai: int
 
 
 def check_prerequisites() -> list[str]:
@@ -181,6 +182,26 @@ class Stack:
                 raise
 
     # -- our services --------------------------------------------------
+    def start_function(self, target: str, source_dir: str, port: int, name: str | None = None,
+                       **extra_env: str) -> Managed:
+        """Run a Cloud Function target under functions-framework, as Cloud Run functions do."""
+        name = name or target
+        source = ROOT / source_dir
+        proc = Managed(name, [sys.executable, "-m", "functions_framework", "--target", target,
+                              "--source", str(source / "main.py"), "--signature-type", "cloudevent",
+                              "--host", "127.0.0.1", "--port", str(port)], port,
+                       env={**self.service_env(**extra_env), "PYTHONPATH": f"{source}:{ROOT}",
+                            # gunicorn threads: one per reply being streamed at once.
+                            "THREADS": extra_env.get("THREADS", "64")},
+                       log_path=self.log_dir / f"{name}-{port}.log")
+        return self._start(proc, lambda: port_accepts(port), 60)
+
+    def start_ai_function(self, port: int | None = None, name: str = "ai-stream", **extra_env: str) -> Managed:
+        port = port or self.ports.ai
+        proc = self.start_function("ai_stream", "functions/ai_stream", port, name, **extra_env)
+        self.provision_pubsub({"ai_stream": f"http://127.0.0.1:{port}"})
+        return proc
+
     def start_socket_service(self, port: int | None = None, name: str = "socket-service",
                              **extra_env: str) -> Managed:
         port = port or self.ports.chat

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+from datetime import timedelta
 
 import socketio
 from aiohttp import web
@@ -21,6 +22,7 @@ from chatcore import protocol, topology
 from chatcore.ai_requests import AiRequest
 from chatcore.async_pubsub_manager import AsyncGooglePubSubManager
 from chatcore.auth import TokenVerifier
+from chatcore.replies import ABANDONED, ReplyStore
 from chatcore.store import ChatStore
 
 from . import http_api
@@ -86,8 +88,26 @@ def create_app(settings: Settings, *, firestore_client=None, publisher=None, sub
     sio.attach(app)
     http_api.add_routes(app, settings)
 
+    replies = ReplyStore(store)
+
+    async def sweep_stale_replies() -> None:
+        """Fail replies abandoned by a crashed worker, so no client waits forever."""
+        stale_after = timedelta(seconds=settings.reply_stale_seconds)
+        while True:
+            await asyncio.sleep(settings.reply_sweep_seconds)
+            try:
+                for reply in await replies.fail_stale(stale_after):
+                    logger.warning("reply %s had no heartbeat for %ss; marked failed", reply.id,
+                                   settings.reply_stale_seconds)
+                    await sio.emit(protocol.AI_RESPONSE_ERROR, protocol.ai_error_payload(
+                        reply.conversation_id, reply.id, ABANDONED["code"], ABANDONED["message"]),
+                        room=protocol.conversation_room(reply.conversation_id))
+            except Exception:
+                logger.exception("stale reply sweep failed; will retry")
+
     async def on_startup(app: web.Application) -> None:
         await bus.start()
+        app[http_api.STATE]["sweeper"] = asyncio.create_task(sweep_stale_replies())
         if settings.gc_tuning:
             # Fewer, cheaper collections: Python's cyclic GC is the main source
             # of latency tails under fan-out (see DESIGN.md). Objects alive
@@ -100,6 +120,7 @@ def create_app(settings: Settings, *, firestore_client=None, publisher=None, sub
 
     async def on_shutdown(app: web.Application) -> None:
         app[http_api.STATE]["shutting_down"] = True
+        app[http_api.STATE]["sweeper"].cancel()
         sids = [sid for sid, _ in bus.get_participants("/", None)]
         logger.info("shutting down: disconnecting %d clients", len(sids))
         # ignore_queue: these clients are ours; telling the bus would cost one

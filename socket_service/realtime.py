@@ -18,6 +18,7 @@ from chatcore import protocol
 from chatcore.ai_requests import AiRequest
 from chatcore.auth import TokenVerifier, handshake_token
 from chatcore.errors import ChatError, Forbidden, InvalidArgument, RateLimited, TooLarge, Unauthenticated
+from chatcore.replies import ReplyStore
 from chatcore.store import ChatStore
 
 from .ratelimit import TokenBucket
@@ -46,6 +47,7 @@ class ChatNamespace(socketio.AsyncNamespace):
         super().__init__(namespace)
         self.settings = settings
         self.store = store
+        self.replies = ReplyStore(store)
         self.verifier = verifier
         self.ai_requests = ai_requests  # async callable(AiRequest)
         self._expiry_timers: dict[str, asyncio.TimerHandle] = {}
@@ -149,7 +151,7 @@ class ChatNamespace(socketio.AsyncNamespace):
         user = await self._identity(sid)
         conv = await self.store.require_participant(conversation_id, user["user_id"])
         user_msg, reply, created = await self.store.post_user_message(
-            conv, user["user_id"], user["name"], text, client_message_id)
+            conv, user["user_id"], user["name"], text, client_message_id, quota=self.settings.quota)
         if not created:
             return {"ok": True, "message_id": user_msg.id}
         room = protocol.conversation_room(conversation_id)
@@ -173,3 +175,19 @@ class ChatNamespace(socketio.AsyncNamespace):
                         protocol.typing_payload(conversation_id, user["user_id"], user["name"], is_typing),
                         room=room, skip_sid=sid)
         return {"ok": True}
+
+    async def on_stop_generation(self, sid: str, data: dict):
+        conversation_id = protocol.parse_conversation_id(data.get("conversation_id"))
+        message_id = data.get("message_id")
+        if message_id is not None and (not isinstance(message_id, str) or not message_id or "/" in message_id):
+            raise InvalidArgument("message_id must be a message id string")
+        user = await self._identity(sid)
+        await self.store.require_participant(conversation_id, user["user_id"])
+        results = await self.replies.request_stop(conversation_id, message_id)
+        room = protocol.conversation_room(conversation_id)
+        for result in results:
+            # A reply no worker had started is cancelled here; a streaming one
+            # is ended by its worker, which emits the completion itself.
+            if result.cancelled_now is not None:
+                await self.emit(protocol.AI_RESPONSE_COMPLETE, result.cancelled_now.to_wire(), room=room)
+        return {"ok": True, "message_ids": [r.message_id for r in results]}

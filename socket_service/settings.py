@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
+from datetime import timedelta
 from urllib.parse import urlparse
 
 from chatcore.auth import HMAC_ALGORITHMS, AuthConfig
@@ -26,6 +27,7 @@ from chatcore.config import (
     process_environ,
 )
 from chatcore.errors import ConfigError
+from chatcore.quotas import QuotaPolicy
 
 AI_PROVIDERS = ("offline", "gemini", "openai")
 
@@ -48,6 +50,12 @@ class Settings:
     bus_pack_window_ms: float
     events_per_second: float
     event_burst: int
+    ai_max_concurrent_per_user: int
+    ai_messages_per_window: int
+    ai_window_seconds: int
+    ai_max_reply_seconds: int
+    reply_stale_seconds: int
+    reply_sweep_seconds: float
     shutdown_grace_seconds: float
     gc_tuning: bool
     log_level: str
@@ -55,6 +63,13 @@ class Settings:
     @property
     def is_local(self) -> bool:
         return self.environment == ENV_LOCAL
+
+    @property
+    def quota(self) -> QuotaPolicy:
+        # A reply older than its maximum duration no longer holds a slot.
+        return QuotaPolicy(max_concurrent=self.ai_max_concurrent_per_user,
+                           messages_per_window=self.ai_messages_per_window, window_seconds=self.ai_window_seconds,
+                           stale_after=timedelta(seconds=self.ai_max_reply_seconds + self.reply_stale_seconds))
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides) -> Settings:
@@ -80,6 +95,12 @@ class Settings:
             bus_pack_window_ms=env_float(env, "BUS_PACK_WINDOW_MS", 2.0, minimum=0, maximum=100),
             events_per_second=env_float(env, "EVENTS_PER_SECOND", 20.0, minimum=0.1),
             event_burst=env_int(env, "EVENT_BURST", 40, minimum=1),
+            ai_max_concurrent_per_user=env_int(env, "AI_MAX_CONCURRENT_PER_USER", 2, minimum=1),
+            ai_messages_per_window=env_int(env, "AI_MESSAGES_PER_WINDOW", 30, minimum=1),
+            ai_window_seconds=env_int(env, "AI_WINDOW_SECONDS", 60, minimum=1),
+            ai_max_reply_seconds=env_int(env, "AI_MAX_REPLY_SECONDS", 300, minimum=5),
+            reply_stale_seconds=env_int(env, "REPLY_STALE_SECONDS", 60, minimum=2),
+            reply_sweep_seconds=env_float(env, "REPLY_SWEEP_SECONDS", 10.0, minimum=0.5),
             shutdown_grace_seconds=env_float(env, "SHUTDOWN_GRACE_SECONDS", 8.0, minimum=0, maximum=60),
             gc_tuning=env_bool(env, "GC_TUNING", True),
             log_level=env_choice(env, "LOG_LEVEL", "info", ("debug", "info", "warning", "error")),

@@ -29,7 +29,8 @@ def stack():
     missing = check_prerequisites()
     if missing:
         pytest.fail("integration tests need: " + "; ".join(missing), pytrace=False)
-    s = Stack(ports=Ports(firestore=free_port(), pubsub=free_port(), gcs=free_port(), chat=free_port()),
+    s = Stack(ports=Ports(firestore=free_port(), pubsub=free_port(), gcs=free_port(), chat=free_port(),
+                          ai=free_port()),
               log_dir=ARTIFACTS / "logs" / uuid.uuid4().hex[:8], project_id="chat-test")
     try:
         s.start_emulators()
@@ -40,10 +41,21 @@ def stack():
         s.stop()
 
 
+# Most tests send many messages quickly; the per-user AI quotas have their own tests.
+GENEROUS_QUOTAS = {"AI_MAX_CONCURRENT_PER_USER": "1000", "AI_MESSAGES_PER_WINDOW": "100000"}
+
+
 @pytest.fixture(scope="session")
-def service(stack):
+def ai_function(stack):
+    """The ai_stream function under functions-framework, fed by its push subscription."""
+    stack.start_ai_function(stack.ports.ai, OFFLINE_TOKEN_DELAY_MS="5")
+    return f"http://127.0.0.1:{stack.ports.ai}"
+
+
+@pytest.fixture(scope="session")
+def service(stack, ai_function):
     """The socket service, as a separate process (what Cloud Run runs)."""
-    stack.start_socket_service(stack.ports.chat, name="socket-a")
+    stack.start_socket_service(stack.ports.chat, name="socket-a", **GENEROUS_QUOTAS)
     return stack.chat_url()
 
 
@@ -51,7 +63,7 @@ def service(stack):
 def service_b(stack, service):
     """A second socket-service instance sharing the emulators."""
     port = free_port()
-    stack.start_socket_service(port, name="socket-b")
+    stack.start_socket_service(port, name="socket-b", **GENEROUS_QUOTAS)
     return stack.chat_url(port)
 
 

@@ -38,7 +38,7 @@ def _wait_for_ready(proc: subprocess.Popen, timeout: float = 120) -> tuple[str, 
 @pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGINT])
 def test_make_dev_starts_and_stops_cleanly(tmp_path, stop_signal):
     ports = {"CHAT_PORT": free_port(), "DEV_FIRESTORE_PORT": free_port(), "DEV_PUBSUB_PORT": free_port(),
-             "DEV_GCS_PORT": free_port()}
+             "DEV_GCS_PORT": free_port(), "DEV_AI_PORT": free_port()}
     env = {**os.environ, **{k: str(v) for k, v in ports.items()}, "DEV_LOG_DIR": str(tmp_path),
            "PYTHONUNBUFFERED": "1"}
     for name in ("FIRESTORE_EMULATOR_HOST", "PUBSUB_EMULATOR_HOST", "STORAGE_EMULATOR_HOST"):
@@ -55,7 +55,7 @@ def test_make_dev_starts_and_stops_cleanly(tmp_path, stop_signal):
         with urllib.request.urlopen(url + "/readyz", timeout=5) as response:
             assert response.status == 200
         started = psutil.Process(proc.pid).children(recursive=True)
-        assert len(started) >= 4  # two emulator wrappers + JVMs, fake-gcs-server, socket service
+        assert len(started) >= 5  # emulator wrappers + JVMs, fake-gcs-server, ai function, socket service
 
         t0 = time.monotonic()
         proc.send_signal(stop_signal)

@@ -123,25 +123,28 @@ async def test_integer_conversation_id_is_accepted(service, make_token, clients,
 
 async def test_join_returns_gap_free_snapshot_of_replies_in_progress(service, api, make_token, clients,
                                                                      firestore_db):
+    from datetime import datetime, timezone
+
     token = make_token()
     conv = await api.create_conversation(token)
-    client = await clients(service, token)
-    await client.call("join_room", {"conversation_id": conv["id"]})
-    first = await client.call("send_message", {"conversation_id": conv["id"], "message": "one"})
-    second = await client.call("send_message", {"conversation_id": conv["id"], "message": "two"})
-    replies = [f"{first['message_id']}-r", f"{second['message_id']}-r"]
     messages = firestore_db.collection("conversations").document(conv["id"]).collection("messages")
-    # What the AI function does: store each chunk before emitting it.
-    messages.document(replies[0]).update({"status": "streaming"})
+    now = datetime.now(timezone.utc)
+    # Two replies in progress, written as the AI function writes them: each
+    # chunk stored before it is emitted. (No AI request is published, so the
+    # function does not touch them.)
+    for reply_id, status in (("streaming-r", "streaming"), ("pending-r", "pending")):
+        messages.document(reply_id).set({"role": "assistant", "content": "", "user_id": "x", "status": status,
+                                         "created_at": now, "sort_key": f"{int(now.timestamp() * 1e6):017d}-"
+                                         f"{reply_id}", "files": [], "seq": 0, "heartbeat_at": now})
     for seq, text in ((1, "Hel"), (2, "lo"), (3, " wor")):
-        messages.document(replies[0]).collection("chunks").document(f"{seq:010d}").set({"seq": seq, "text": text})
-    late = await clients(service, token)
-    ack = await late.call("join_room", {"conversation_id": conv["id"]})
-    assert sorted(ack["streaming"], key=lambda s: s["seq"]) == [
-        {"message_id": replies[1], "content": "", "seq": 0},
-        {"message_id": replies[0], "content": "Hello wor", "seq": 3},
+        messages.document("streaming-r").collection("chunks").document(f"{seq:010d}").set({"seq": seq, "text": text})
+    client = await clients(service, token)
+    ack = await client.call("join_room", {"conversation_id": conv["id"]})
+    assert ack["streaming"] == [
+        {"message_id": "pending-r", "content": "", "seq": 0},
+        {"message_id": "streaming-r", "content": "Hello wor", "seq": 3},
     ]
-    assert (await late.wait_for("joined_room"))["streaming"] == ack["streaming"]
-    messages.document(replies[0]).update({"status": "complete", "content": "Hello world"})
-    ack = await late.call("join_room", {"conversation_id": conv["id"]})
-    assert ack["streaming"] == [{"message_id": replies[1], "content": "", "seq": 0}]
+    assert (await client.wait_for("joined_room"))["streaming"] == ack["streaming"]
+    messages.document("streaming-r").update({"status": "complete", "content": "Hello world"})
+    ack = await client.call("join_room", {"conversation_id": conv["id"]})
+    assert ack["streaming"] == [{"message_id": "pending-r", "content": "", "seq": 0}]

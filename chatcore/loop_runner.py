@@ -1,0 +1,51 @@
+"""One asyncio event loop on a daemon thread, for synchronous callers.
+
+Cloud Functions handlers (functions-framework on gunicorn threads) are
+synchronous, while the Firestore data layer and the LLM providers are async.
+Rather than keeping sync twins of that code, every request thread submits
+its coroutine to this single loop and waits for the result. Clients created
+on the loop (Firestore AsyncClient, HTTP sessions) are shared by all
+requests, as Cloud Functions recommends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+class LoopRunner:
+    def __init__(self, name: str = "chatcore-loop"):
+        self._loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+        self._ready.wait()
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        self._loop.call_soon(self._ready.set)
+        self._loop.run_forever()
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        return self._loop
+
+    def run(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
+        """Run ``coro`` on the loop and block this thread until it finishes."""
+        if threading.current_thread() is self._thread:
+            raise RuntimeError("LoopRunner.run called from its own loop thread (would deadlock)")
+        future = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        try:
+            return future.result(timeout)
+        except TimeoutError:
+            future.cancel()
+            raise
+
+    def close(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=5)

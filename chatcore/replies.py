@@ -1,0 +1,183 @@
+"""The life of an assistant reply in Firestore: claim, chunks, checkpoints, stop, end.
+
+A reply document (``conversations/{c}/messages/{reply_id}``) moves
+``pending -> streaming -> complete | cancelled | error``. Only one worker can
+move it out of ``pending`` (a transaction), so a redelivered AI request does
+nothing. While streaming, every coalesced chunk is stored in ``chunks/{seq}``
+*before* it is emitted, and the reply document itself is checkpointed at most
+about once a second (``content``, ``seq``, ``heartbeat_at``); a reply whose
+heartbeat is older than the stale limit was abandoned by a crashed worker and
+is failed by :meth:`ReplyStore.fail_stale`, so no client waits forever.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from datetime import timedelta
+
+from google.api_core import exceptions as gexc
+from google.cloud import firestore
+
+from . import protocol
+from .errors import NotFound
+from .quotas import QUOTAS
+from .store import CHUNKS, MESSAGES, ChatStore, Message, order_key, utcnow
+
+ABANDONED = {"code": "unavailable", "message": "the reply stopped unexpectedly; please retry"}
+
+
+@dataclass(frozen=True)
+class StopResult:
+    message_id: str
+    cancelled_now: Message | None  # a pending reply cancelled directly (no worker had it yet)
+
+
+class ReplyStore:
+    def __init__(self, store: ChatStore):
+        self.store = store
+        self.db = store.db
+
+    def _release_quota(self, transaction_or_batch, user_id: str, reply_id: str) -> None:
+        if user_id:
+            transaction_or_batch.set(self.db.collection(QUOTAS).document(user_id),
+                                     {"active": {reply_id: firestore.DELETE_FIELD}}, merge=True)
+
+    # -- worker side -------------------------------------------------------
+    async def claim(self, conversation_id: str, reply_id: str, worker_id: str) -> Message | None:
+        """Move a pending reply to streaming for this worker; None if it is not pending."""
+        ref = self.store.message_ref(conversation_id, reply_id)
+
+        @firestore.async_transactional
+        async def take(transaction):
+            doc = await ref.get(transaction=transaction)
+            if not doc.exists or doc.get("status") != protocol.PENDING:
+                return None
+            now = utcnow()
+            transaction.update(ref, {"status": protocol.STREAMING, "worker_id": worker_id,
+                                     "started_at": now, "heartbeat_at": now})
+            return Message.from_doc(conversation_id, doc)
+
+        return await take(self.db.transaction())
+
+    async def save_chunk(self, conversation_id: str, reply_id: str, seq: int, text: str) -> None:
+        ref = self.store.message_ref(conversation_id, reply_id).collection(CHUNKS).document(f"{seq:010d}")
+        await ref.set({"seq": seq, "text": text})
+
+    async def checkpoint(self, conversation_id: str, reply_id: str, content: str, seq: int) -> bool:
+        """Record progress and the heartbeat; returns True if a stop was requested."""
+        ref = self.store.message_ref(conversation_id, reply_id)
+        await ref.update({"content": content, "seq": seq, "heartbeat_at": utcnow()})
+        return await self.stop_requested(conversation_id, reply_id)
+
+    async def stop_requested(self, conversation_id: str, reply_id: str) -> bool:
+        doc = await self.store.message_ref(conversation_id, reply_id).get(field_paths=["stop_requested"])
+        return bool(doc.exists and (doc.to_dict() or {}).get("stop_requested"))
+
+    async def finish(self, reply: Message, status: str, content: str, seq: int,
+                     error: dict | None = None) -> Message:
+        """Write the final content and status, and free the user's concurrency slot."""
+        now = utcnow()
+        batch = self.db.batch()
+        fields = {"status": status, "content": content, "seq": seq, "heartbeat_at": now, "ended_at": now}
+        if error is not None:
+            fields["error"] = error
+        batch.update(self.store.message_ref(reply.conversation_id, reply.id), fields)
+        self._release_quota(batch, reply.user_id, reply.id)
+        await batch.commit()
+        return replace(reply, status=status, content=content)
+
+    async def discard(self, reply: Message) -> None:
+        """Delete what is left of a reply whose conversation was deleted (late chunks, quota slot)."""
+        await self.db.recursive_delete(self.store.message_ref(reply.conversation_id, reply.id))
+        batch = self.db.batch()
+        self._release_quota(batch, reply.user_id, reply.id)
+        await batch.commit()
+
+    async def history(self, reply: Message, budget_chars: int, max_messages: int = 100) -> list[Message]:
+        """Messages before ``reply`` (oldest first) whose text fits ``budget_chars``.
+
+        The user message the reply answers is always included (the caller
+        refuses it if it alone is too large). Replies that did not finish
+        (other overlapping replies, failures) are left out.
+        """
+        query = (self.store.conversation_ref(reply.conversation_id).collection(MESSAGES)
+                 .where(filter=firestore.FieldFilter("sort_key", "<", order_key(reply.created_at, reply.id)))
+                 .order_by("sort_key", direction=firestore.Query.DESCENDING).limit(max_messages))
+        picked: list[Message] = []
+        used = 0
+        async for doc in query.stream():
+            message = Message.from_doc(reply.conversation_id, doc)
+            if message.role == protocol.ROLE_ASSISTANT and message.status not in (protocol.COMPLETE,
+                                                                                  protocol.CANCELLED):
+                continue
+            if picked and used + len(message.content) > budget_chars:
+                break
+            used += len(message.content)
+            picked.append(message)
+        return list(reversed(picked))
+
+    # -- socket-service side ---------------------------------------------
+    async def request_stop(self, conversation_id: str, message_id: str | None) -> list[StopResult]:
+        """Stop one reply, or every reply in progress in the conversation.
+
+        A streaming reply gets ``stop_requested`` (its worker notices within
+        about a second); a pending one is cancelled here at once.
+        """
+        if message_id is not None:
+            refs = [self.store.message_ref(conversation_id, message_id)]
+        else:
+            query = (self.store.conversation_ref(conversation_id).collection(MESSAGES)
+                     .where(filter=firestore.FieldFilter("status", "in", list(protocol.IN_PROGRESS_STATUSES))))
+            refs = [doc.reference async for doc in query.stream()]
+        results = []
+        for ref in refs:
+            result = await self._stop_one(conversation_id, ref)
+            if result is not None:
+                results.append(result)
+        if not results:
+            raise NotFound("no reply in progress to stop")
+        return results
+
+    async def _stop_one(self, conversation_id: str, ref) -> StopResult | None:
+        @firestore.async_transactional
+        async def stop(transaction):
+            doc = await ref.get(transaction=transaction)
+            if (not doc.exists or doc.get("role") != protocol.ROLE_ASSISTANT
+                    or doc.get("status") not in protocol.IN_PROGRESS_STATUSES):
+                return None
+            if doc.get("status") == protocol.STREAMING:
+                transaction.update(ref, {"stop_requested": True})
+                return StopResult(doc.id, None)
+            now = utcnow()
+            transaction.update(ref, {"status": protocol.CANCELLED, "content": "", "ended_at": now,
+                                     "heartbeat_at": now, "stop_requested": True})
+            self._release_quota(transaction, doc.get("user_id"), doc.id)
+            cancelled = replace(Message.from_doc(conversation_id, doc), status=protocol.CANCELLED, content="")
+            return StopResult(doc.id, cancelled)
+
+        return await stop(self.db.transaction())
+
+    async def fail_stale(self, stale_after: timedelta, limit: int = 100) -> list[Message]:
+        """Fail replies with no heartbeat for ``stale_after``; returns those this call failed.
+
+        Safe to run on every instance at once: each update is conditional on
+        the document being unchanged since it was read.
+        """
+        cutoff = utcnow() - stale_after
+        query = (self.db.collection_group(MESSAGES)
+                 .where(filter=firestore.FieldFilter("status", "in", list(protocol.IN_PROGRESS_STATUSES)))
+                 .where(filter=firestore.FieldFilter("heartbeat_at", "<", cutoff)).limit(limit))
+        failed = []
+        async for doc in query.stream():
+            conversation_id = doc.reference.parent.parent.id
+            try:
+                batch = self.db.batch()
+                batch.update(doc.reference, {"status": protocol.FAILED, "error": ABANDONED, "ended_at": utcnow()},
+                             option=self.db.write_option(last_update_time=doc.update_time))
+                self._release_quota(batch, doc.get("user_id"), doc.id)
+                await batch.commit()
+            except (gexc.FailedPrecondition, gexc.Aborted, gexc.NotFound):
+                continue  # another instance or the worker got there first
+            failed.append(Message.from_doc(conversation_id, doc))
+        return failed
+

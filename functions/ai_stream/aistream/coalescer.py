@@ -1,0 +1,46 @@
+"""Coalesces model tokens into chunks, so bus messages do not follow the token rate.
+
+The first text is flushed at once (a fast first chunk); after that a chunk is
+due when ``interval`` seconds passed since the last flush, or earlier when
+``max_chars`` are waiting. With the default 100 ms that is at most about ten
+bus messages per second per reply, whatever the model's speed.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+
+class ChunkCoalescer:
+    def __init__(self, interval: float, max_chars: int, clock: Callable[[], float] = time.monotonic):
+        self.interval = interval
+        self.max_chars = max_chars
+        self.clock = clock
+        self._parts: list[str] = []
+        self._size = 0
+        self._last_flush: float | None = None
+
+    def add(self, text: str) -> None:
+        if text:
+            self._parts.append(text)
+            self._size += len(text)
+
+    @property
+    def pending(self) -> bool:
+        return self._size > 0
+
+    def seconds_until_due(self) -> float | None:
+        """0 if a flush is due now, the wait otherwise, None if nothing is buffered."""
+        if not self._size:
+            return None
+        if self._last_flush is None or self._size >= self.max_chars:
+            return 0.0
+        return max(0.0, self._last_flush + self.interval - self.clock())
+
+    def take(self) -> str:
+        text = "".join(self._parts)
+        self._parts.clear()
+        self._size = 0
+        self._last_flush = self.clock()
+        return text

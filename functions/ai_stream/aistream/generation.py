@@ -1,0 +1,239 @@
+"""Generates one assistant reply: claim, prompt, stream, coalesce, store, emit, finish.
+
+Order of every chunk: stored in ``chunks/{seq}`` first, emitted second, so a
+client that joins mid-stream gets a gap-free snapshot (PROTOCOL.md). The reply
+document is checkpointed at most once per ``checkpoint_interval``; the same
+watcher polls for ``stop_generation`` requests. The reply always ends in
+``complete``, ``cancelled`` or ``error`` with an event to the room, whatever
+the model does: it may fail, hang, or run past the maximum duration.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+
+from google.api_core import exceptions as gexc
+
+from chatcore import protocol
+from chatcore.ai_requests import AiRequest
+from chatcore.errors import ChatError, TooLarge
+from chatcore.replies import ReplyStore
+from chatcore.store import Message
+
+from .coalescer import ChunkCoalescer
+from .prompt import FileReader, build_turns, prompt_size
+from .providers import Provider, ProviderError, Turn
+from .settings import Settings
+
+logger = logging.getLogger(__name__)
+
+_END = object()
+SKIPPED = "skipped"
+DELETED = "deleted"
+
+
+@dataclass
+class _Progress:
+    seq: int = 0
+    parts: list[str] = field(default_factory=list)
+
+    @property
+    def content(self) -> str:
+        return "".join(self.parts)
+
+
+class ReplyGenerator:
+    """Shared by all requests of a function instance; one ``handle`` call per AI request."""
+
+    def __init__(self, settings: Settings, replies: ReplyStore, bus, provider: Provider,
+                 files: FileReader | None, worker_id: str):
+        self.settings = settings
+        self.replies = replies
+        self.bus = bus  # write-only GooglePubSubManager
+        self.provider = provider
+        self.files = files
+        self.worker_id = worker_id
+
+    async def handle(self, request: AiRequest) -> str:
+        """Returns the reply's final status, or ``"skipped"`` for a duplicate request."""
+        reply = await self.replies.claim(request.conversation_id, request.message_id, self.worker_id)
+        if reply is None:
+            logger.info("reply %s is not pending; duplicate request ignored", request.message_id)
+            return SKIPPED
+        return await _ReplyRun(self, reply).execute()
+
+
+class _ReplyRun:
+    def __init__(self, gen: ReplyGenerator, reply: Message):
+        self.gen = gen
+        self.settings = gen.settings
+        self.reply = reply
+        self.room = protocol.conversation_room(reply.conversation_id)
+        self.progress = _Progress()
+        self.gone = False  # the conversation was deleted while the reply streamed
+        self.coalescer = ChunkCoalescer(self.settings.chunk_interval_ms / 1000, self.settings.chunk_max_chars)
+
+    def _emit(self, event: str, payload: dict) -> None:
+        self.gen.bus.emit(event, payload, room=self.room)
+
+    async def execute(self) -> str:
+        status, error = protocol.FAILED, None
+        try:
+            turns = await self._prompt()
+            status, error = await self._stream(turns)
+        except ChatError as err:
+            error = err.to_dict()
+        except Exception:
+            logger.exception("reply %s failed", self.reply.id)
+            error = {"code": "internal", "message": "the reply failed; please retry"}
+        if self.gone:
+            return await self._discard()
+        try:
+            final = await self.gen.replies.finish(self.reply, status, self.progress.content, self.progress.seq,
+                                                  error)
+        except gexc.NotFound:
+            return await self._discard()
+        finally:
+            # Tell the room even if the final write failed: the sweeper will
+            # fail the stored reply later, the clients must not wait for it.
+            if status == protocol.FAILED:
+                self._emit(protocol.AI_RESPONSE_ERROR, protocol.ai_error_payload(
+                    self.reply.conversation_id, self.reply.id, error["code"], error["message"]))
+            await asyncio.to_thread(self.gen.bus.flush, 10)
+        if status != protocol.FAILED:
+            self._emit(protocol.AI_RESPONSE_COMPLETE, final.to_wire())
+            await asyncio.to_thread(self.gen.bus.flush, 10)
+        logger.info("reply %s ended %s after %d chunks", self.reply.id, status, self.progress.seq)
+        return status
+
+    async def _discard(self) -> str:
+        """The conversation was deleted mid-reply: remove chunks written after the deletion."""
+        logger.info("conversation of reply %s was deleted; reply discarded", self.reply.id)
+        await self.gen.replies.discard(self.reply)
+        return DELETED
+
+    async def _prompt(self) -> list[Turn]:
+        history = await self.gen.replies.history(self.reply, self.settings.history_budget_chars,
+                                                 self.settings.history_max_messages)
+        turns = await build_turns(history, self.gen.files, self.gen.provider.supports_images)
+        if prompt_size(turns, self.settings.system_prompt) > self.settings.prompt_max_chars:
+            raise TooLarge(f"the prompt is larger than {self.settings.prompt_max_chars} characters")
+        return turns
+
+    # -- streaming ---------------------------------------------------------
+    async def _stream(self, turns: list[Turn]) -> tuple[str, dict | None]:
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue(maxsize=1024)
+        stop = asyncio.Event()
+        producer = asyncio.create_task(self._produce(turns, queue))
+        watcher = asyncio.create_task(self._watch(stop))
+        deadline = loop.time() + self.settings.max_reply_seconds
+        idle_limit = self.settings.provider_timeout_seconds
+        idle_deadline = loop.time() + idle_limit
+        try:
+            while True:
+                due = self.coalescer.seconds_until_due()
+                if due == 0:
+                    await self._flush()
+                    continue
+                now = loop.time()
+                if now >= deadline:
+                    await self._flush_rest()
+                    return protocol.FAILED, {"code": "unavailable", "message":
+                                             f"the reply took longer than {self.settings.max_reply_seconds:g} s"}
+                if now >= idle_deadline:
+                    await self._flush_rest()
+                    return protocol.FAILED, {"code": "unavailable", "message":
+                                             f"the model sent nothing for {idle_limit:g} s"}
+                wait = min(deadline, idle_deadline) - now
+                if due is not None:
+                    wait = min(wait, due)
+                getter = asyncio.ensure_future(queue.get())
+                stopper = asyncio.ensure_future(stop.wait())
+                done, _ = await asyncio.wait({getter, stopper}, timeout=wait,
+                                             return_when=asyncio.FIRST_COMPLETED)
+                getter.cancel()
+                stopper.cancel()
+                if stopper in done:
+                    await self._flush_rest()
+                    return protocol.CANCELLED, None
+                if getter in done:
+                    item = getter.result()
+                    if item is _END:
+                        await self._flush_rest()
+                        return protocol.COMPLETE, None
+                    if isinstance(item, ProviderError):
+                        await self._flush_rest()
+                        logger.warning("provider %s failed for %s: %s", self.gen.provider.name, self.reply.id,
+                                       item.message)
+                        return protocol.FAILED, {"code": item.code, "message": item.message}
+                    self.coalescer.add(item)
+                    idle_deadline = loop.time() + idle_limit
+        finally:
+            producer.cancel()
+            watcher.cancel()
+            await asyncio.gather(producer, watcher, return_exceptions=True)
+
+    async def _produce(self, turns: list[Turn], queue: asyncio.Queue) -> None:
+        stream = self.gen.provider.stream(turns, system=self.settings.system_prompt)
+        try:
+            async for piece in stream:
+                if piece:
+                    await queue.put(piece)
+            await queue.put(_END)
+        except ProviderError as err:
+            await queue.put(err)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            logger.exception("provider %s raised", self.gen.provider.name)
+            await queue.put(ProviderError(f"the model call failed ({type(exc).__name__})"))
+        finally:
+            aclose = getattr(stream, "aclose", None)
+            if aclose is not None:
+                try:
+                    await aclose()
+                except RuntimeError:
+                    pass  # already closed by the cancellation
+
+    async def _flush(self) -> None:
+        text = self.coalescer.take()
+        seq = self.progress.seq + 1
+        # Stored before emitted: the gap-free snapshot depends on this order.
+        await self.gen.replies.save_chunk(self.reply.conversation_id, self.reply.id, seq, text)
+        self.progress.seq = seq
+        self.progress.parts.append(text)
+        self._emit(protocol.AI_RESPONSE_CHUNK,
+                   protocol.chunk_payload(self.reply.conversation_id, self.reply.id, seq, text))
+
+    async def _flush_rest(self) -> None:
+        if self.coalescer.pending:
+            await self._flush()
+
+    async def _watch(self, stop: asyncio.Event) -> None:
+        """Checkpoint about once per interval and notice stop requests."""
+        loop = asyncio.get_running_loop()
+        poll = self.settings.stop_poll_interval_ms / 1000
+        every = self.settings.checkpoint_interval_ms / 1000
+        last_checkpoint = loop.time()
+        while True:
+            await asyncio.sleep(poll)
+            try:
+                if loop.time() - last_checkpoint >= every:
+                    last_checkpoint = loop.time()
+                    requested = await self.gen.replies.checkpoint(
+                        self.reply.conversation_id, self.reply.id, self.progress.content, self.progress.seq)
+                else:
+                    requested = await self.gen.replies.stop_requested(self.reply.conversation_id, self.reply.id)
+            except gexc.NotFound:
+                self.gone = True
+                stop.set()
+                return
+            except Exception as exc:  # transient; the next tick tries again
+                logger.warning("checkpoint of %s failed: %s", self.reply.id, type(exc).__name__)
+                continue
+            if requested:
+                stop.set()
+                return
