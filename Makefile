@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 
 .PHONY: dev test lint bench prereqs clean
 
-$(STAMP): requirements-dev.txt socket_service/requirements.txt constraints.txt
+$(STAMP): requirements-dev.txt constraints.txt $(wildcard */requirements.txt functions/*/requirements.txt)
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11+ is required (found " + sys.version.split()[0] + ")")'
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt -c constraints.txt

@@ -6,6 +6,7 @@ functions-framework turns the raw Pub/Sub push into a
 """
 
 import functions_framework
+
 from aistream.handler import handle_event
 
 

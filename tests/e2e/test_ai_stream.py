@@ -3,7 +3,6 @@
 import asyncio
 import uuid
 
-import pytest
 from google.cloud import pubsub_v1
 
 from chatcore import topology

@@ -130,7 +130,9 @@ class _ReplyRun:
         producer = asyncio.create_task(self._produce(turns, queue))
         watcher = asyncio.create_task(self._watch(stop))
         deadline = loop.time() + self.settings.max_reply_seconds
-        idle_limit = self.settings.provider_timeout_seconds
+        # A backstop behind the provider's own timeout (which reports the
+        # cause more precisely), for providers that have none.
+        idle_limit = self.settings.provider_timeout_seconds * 1.5 + 1
         idle_deadline = loop.time() + idle_limit
         try:
             while True:

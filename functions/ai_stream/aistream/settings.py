@@ -38,6 +38,7 @@ class Settings:
     openai_base_url: str
     openai_api_key: str
     openai_model: str
+    openai_max_tokens_field: str
     gemini_model: str
     gemini_api_key: str
     gemini_vertexai: bool
@@ -71,6 +72,8 @@ class Settings:
             openai_base_url=env_str(env, "OPENAI_BASE_URL", "https://api.openai.com/v1").rstrip("/"),
             openai_api_key=env_str(env, "OPENAI_API_KEY"),
             openai_model=env_str(env, "OPENAI_MODEL", "gpt-4o-mini"),
+            openai_max_tokens_field=env_choice(env, "OPENAI_MAX_TOKENS_FIELD", "max_tokens",
+                                               ("max_tokens", "max_completion_tokens")),
             gemini_model=env_str(env, "GEMINI_MODEL", "gemini-2.5-flash"),
             gemini_api_key=env_str(env, "GEMINI_API_KEY"),
             gemini_vertexai=env_bool(env, "GEMINI_USE_VERTEXAI", not env_str(env, "GEMINI_API_KEY")),

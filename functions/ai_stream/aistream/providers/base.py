@@ -9,6 +9,7 @@ Closing the iterator (``aclose()``) must close the underlying HTTP stream.
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -51,3 +52,53 @@ class Provider(Protocol):
     async def aclose(self) -> None:
         """Release long-lived resources (HTTP clients) at shutdown."""
         ...
+
+
+# -- helpers shared by the network providers ----------------------------------------------
+MAX_ERROR_DETAIL = 300
+_CONTEXT_TOO_LONG = re.compile(r"context[_ ]length|maximum context|too many tokens|exceeds the maximum number of "
+                               r"tokens|input token count", re.IGNORECASE)
+_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f]+")
+
+
+def is_image(attachment: Attachment) -> bool:
+    return attachment.data is not None and attachment.content_type.startswith("image/")
+
+
+def attachment_text(attachment: Attachment) -> str:
+    """A text file's content, or a note that a file exists, clearly delimited and named for the model."""
+    name = _UNPRINTABLE.sub(" ", attachment.filename).strip() or "file"
+    kind = _UNPRINTABLE.sub(" ", attachment.content_type).strip() or "unknown type"
+    if attachment.text is not None:
+        return f"--- file: {name} ({kind}) ---\n{attachment.text}\n--- end of file: {name} ---"
+    if is_image(attachment):
+        return f"--- image: {name} ({kind}) ---"
+    return f"--- file: {name} ({kind}): its content is not available ---"
+
+
+def turn_text(turn: Turn) -> str:
+    """The turn's text with every non-image attachment appended, separated by blank lines."""
+    blocks = [turn.content] if turn.content else []
+    blocks += [attachment_text(a) for a in turn.attachments if not is_image(a)]
+    return "\n\n".join(blocks)
+
+
+def error_code_for_status(status: int, detail: str = "") -> str:
+    """The PROTOCOL.md code for a model endpoint's HTTP status (what the chat client is told)."""
+    if status == 429:
+        return "rate_limited"
+    if status == 413 or (status == 400 and _CONTEXT_TOO_LONG.search(detail)):
+        return "too_large"
+    if status in (401, 403, 404):
+        return "internal"  # our key, project or model name is wrong: nothing the user can fix
+    if status in (400, 422):
+        return "invalid_argument"
+    return "unavailable"  # 408, 5xx and anything unexpected: worth retrying later
+
+
+def redact(text: str, secret: str | None) -> str:
+    """``text`` without ``secret`` in it, shortened for an error message."""
+    if secret:
+        text = text.replace(secret, "[redacted]")
+    text = " ".join(text.split())
+    return text if len(text) <= MAX_ERROR_DETAIL else text[:MAX_ERROR_DETAIL] + "…"
