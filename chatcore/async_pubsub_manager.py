@@ -72,6 +72,9 @@ class AsyncGooglePubSubManager(AsyncPubSubManager):
         thread = getattr(self, "thread", None)
         if thread is not None:
             thread.cancel()
+            # Let the listener finish its own cleanup before the subscription
+            # goes away, so it cannot see the deletion as a failure to recover from.
+            await asyncio.gather(thread, return_exceptions=True)
         await asyncio.to_thread(self.transport.close)
 
     @property
@@ -145,7 +148,12 @@ class AsyncGooglePubSubManager(AsyncPubSubManager):
                 for item in items:
                     if item.get("method") == "leave_room_members":
                         if item.get("host_id") != self.host_id:
-                            await self._handle_leave_room_members(item)
+                            try:
+                                await self._handle_leave_room_members(item)
+                            except Exception:
+                                # A malformed message must not restart the
+                                # listener (and drop what is queued behind it).
+                                self._get_logger().exception("dropping a bad leave_room_members message")
                         continue
                     yield item
         finally:

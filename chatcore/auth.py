@@ -13,6 +13,8 @@ Tokens are never logged: errors carry only a short reason.
 
 from __future__ import annotations
 
+import re
+import sys
 import time
 import uuid
 from collections.abc import Mapping
@@ -29,6 +31,10 @@ HMAC_ALGORITHMS = ("HS256", "HS384", "HS512")
 ASYMMETRIC_ALGORITHMS = ("RS256", "RS384", "RS512", "ES256", "ES384", "ES512", "PS256", "PS384", "PS512")
 MAX_LEEWAY_SECONDS = 60.0
 REQUIRED_CLAIMS = ("exp", "iat", "sub")
+# Query parameters that carry a token, compared case-insensitively.
+QUERY_TOKEN_NAMES = frozenset({"token", "access_token", "id_token", "jwt", "auth", "authorization", "bearer"})
+# A compact JWS: base64url header starting with '{"' ("eyJ"), payload and signature.
+_JWT_SHAPE = re.compile(r"(?:(?i:bearer)\s+)?eyJ[A-Za-z0-9_-]*\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*")
 
 
 @dataclass(frozen=True)
@@ -123,7 +129,9 @@ class TokenVerifier:
             raise Unauthenticated(f"token lacks the {exc.claim!r} claim") from None
         except (jwt.InvalidAudienceError, jwt.InvalidIssuerError):
             raise Unauthenticated("token issuer or audience not accepted") from None
-        except jwt.PyJWTError:
+        except (jwt.PyJWTError, TypeError, ValueError):
+            # TypeError/ValueError: PyJWT refusing a key of the wrong type for
+            # the header's alg (e.g. a JWKS RSA key named by an ES256 token).
             raise Unauthenticated("invalid token") from None
         sub = claims.get("sub")
         if not isinstance(sub, str) or not sub.strip() or "/" in sub or len(sub) > 256:
@@ -131,7 +139,11 @@ class TokenVerifier:
         name = claims.get("name")
         if not isinstance(name, str) or not name.strip():
             name = sub
-        return Identity(user_id=sub, name=name[:100], expires_at=float(claims["exp"]))
+        try:
+            expires_at = float(claims["exp"])
+        except OverflowError:  # a far-future integer PyJWT accepted
+            expires_at = sys.float_info.max
+        return Identity(user_id=sub, name=name[:100], expires_at=expires_at)
 
     def _key_for(self, alg: str, token: str):
         if alg in HMAC_ALGORITHMS:
@@ -164,7 +176,8 @@ def handshake_token(auth: Any, environ: Mapping[str, Any]) -> str:
     A token in the query string is refused outright (it leaks into access logs).
     """
     query = parse_qs(environ.get("QUERY_STRING", ""))
-    if any(key in query for key in ("token", "access_token", "jwt")):
+    if any(key.lower() in QUERY_TOKEN_NAMES or any(_JWT_SHAPE.fullmatch(v.strip()) for v in values)
+           for key, values in query.items()):
         raise Unauthenticated("tokens in the query string are not accepted; use the handshake auth payload")
     if isinstance(auth, dict) and auth.get("token"):
         token = auth["token"]

@@ -8,6 +8,7 @@ Precedence: an explicit override passed to ``Settings.from_env(environ,
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -51,6 +52,8 @@ def env_float(environ: Mapping[str, str], name: str, default: float, *, minimum:
         value = float(raw)
     except ValueError:
         raise ConfigError(f"{name} must be a number, got {raw!r}") from None
+    if math.isnan(value):  # NaN passes every comparison below
+        raise ConfigError(f"{name} must be a number, got {raw!r}")
     if minimum is not None and value < minimum:
         raise ConfigError(f"{name} must be >= {minimum}, got {value}")
     if maximum is not None and value > maximum:

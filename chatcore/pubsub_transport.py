@@ -18,6 +18,7 @@ this module owns everything that talks to Pub/Sub:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import threading
@@ -36,6 +37,8 @@ WIRE_VERSION = 1
 # Pub/Sub accepts 10 MB per message; stay far below so one huge emit cannot
 # make a packed message fail as a whole.
 MAX_PACKED_BYTES = 1_000_000
+# Pub/Sub refuses ordering keys longer than 1 KB.
+MAX_ORDERING_KEY_BYTES = 1024
 
 
 def ordering_key(message: dict) -> str:
@@ -43,10 +46,15 @@ def ordering_key(message: dict) -> str:
     disconnects, callbacks) are not ordered against each other."""
     room = message.get("room")
     if isinstance(room, str):
-        return room
-    if isinstance(room, (list, tuple)) and room:
-        return "|".join(sorted(str(r) for r in room))[:1024]
-    return ""
+        key = room
+    elif isinstance(room, (list, tuple)) and room:
+        key = "|".join(sorted(str(r) for r in room))
+    else:
+        return ""
+    if len(key.encode()) > MAX_ORDERING_KEY_BYTES:
+        # A digest keeps distinct long keys distinct (a prefix would merge them).
+        key = "sha256:" + hashlib.sha256(key.encode()).hexdigest()
+    return key
 
 
 def encode(messages: list[dict], dumps: Callable[[Any], str] = json.dumps) -> bytes:
@@ -70,14 +78,22 @@ def decode(data: bytes, loads: Callable[[str], Any] = json.loads) -> list[dict]:
 
 def pack(messages: list[dict], dumps: Callable[[Any], str] = json.dumps,
          max_bytes: int = MAX_PACKED_BYTES) -> Iterable[bytes]:
-    """Encode messages into as few payloads as fit in ``max_bytes`` each, keeping order."""
+    """Encode messages into as few payloads as fit in ``max_bytes`` each, keeping order.
+
+    A single message larger than ``max_bytes`` travels alone."""
+    # Exact sizes of the envelope and of the separator between items, for
+    # whatever ``dumps`` is in use (its separators may differ from json's).
+    envelope = len(encode([], dumps))
+    separator = len(dumps([0, 0]).encode()) - len(dumps([0]).encode()) - len(dumps(0).encode())
     batch: list[dict] = []
-    size = 0
+    size = envelope
     for message in messages:
-        item_size = len(dumps(message)) + 1
-        if batch and size + item_size > max_bytes:
+        item_size = len(dumps(message).encode())
+        if batch and size + separator + item_size > max_bytes:
             yield encode(batch, dumps)
-            batch, size = [], 0
+            batch, size = [], envelope
+        if batch:
+            size += separator
         batch.append(message)
         size += item_size
     if batch:
@@ -105,6 +121,7 @@ class PubSubTransport:
         self._lock = threading.Lock()
         self._pending: set = set()
         self._pending_empty = threading.Condition(self._lock)
+        self._failed_keys: set[str] = set()
         self.subscription_path: str | None = None
         self._streaming = None
         self.last_publish_error: BaseException | None = None
@@ -127,30 +144,56 @@ class PubSubTransport:
 
     # -- publishing ----------------------------------------------------
     def publish(self, messages: list[dict]) -> None:
-        """Publish manager messages, grouped by ordering key (order kept within a key)."""
+        """Publish manager messages, grouped by ordering key (order kept within a key).
+
+        Never raises: a message the client refuses (too large, publisher
+        stopped) is logged and recorded in ``last_publish_error``, and the
+        other rooms' messages still go out."""
         by_key: dict[str, list[dict]] = {}
         for message in messages:
             by_key.setdefault(ordering_key(message), []).append(message)
         for key, group in by_key.items():
+            self._resume_if_failed(key)
             for payload in pack(group, self.dumps):
-                future = self.publisher.publish(self.topic_path, payload, ordering_key=key, origin=self.host_id)
+                try:
+                    future = self.publisher.publish(self.topic_path, payload, ordering_key=key,
+                                                    origin=self.host_id)
+                except Exception as exc:
+                    self.last_publish_error = exc
+                    logger.error("room bus publish refused (ordering key %r): %s", key, exc)
+                    continue
                 with self._lock:
                     self._pending.add(future)
                 future.add_done_callback(lambda f, k=key: self._published(f, k))
 
+    def _resume_if_failed(self, key: str) -> None:
+        # An ordered key pauses after a failure until resumed, or every later
+        # emit to the room would fail too. The resume happens here, on the
+        # publishing thread, and not in the failed future's callback: that
+        # callback runs while the client's sequencer holds its own lock, and
+        # resume_publish takes the client's batch lock, so calling it there
+        # deadlocks the publisher (and the event loop that publishes).
+        if key not in self._failed_keys:
+            return
+        self._failed_keys.discard(key)
+        try:
+            self.publisher.resume_publish(self.topic_path, key)
+        except (RuntimeError, ValueError):  # not paused (any more), or stopped
+            pass
+
     def _published(self, future, key: str) -> None:
-        error = future.exception()
-        if error is not None:
-            self.last_publish_error = error
-            logger.error("room bus publish failed (ordering key %r): %s", key, error)
-            if key:
-                # An ordered key pauses after a failure until resumed; later
-                # emits to the room must not be blocked forever.
-                self.publisher.resume_publish(self.topic_path, key)
-        with self._lock:
-            self._pending.discard(future)
-            if not self._pending:
-                self._pending_empty.notify_all()
+        try:
+            error = future.exception()
+            if error is not None:
+                self.last_publish_error = error
+                logger.error("room bus publish failed (ordering key %r): %s", key, error)
+                if key:
+                    self._failed_keys.add(key)
+        finally:
+            with self._lock:
+                self._pending.discard(future)
+                if not self._pending:
+                    self._pending_empty.notify_all()
 
     def flush(self, timeout: float = 10.0) -> bool:
         """Wait until everything published so far is acknowledged by Pub/Sub."""
@@ -188,10 +231,14 @@ class PubSubTransport:
         def callback(message) -> None:
             try:
                 items = decode(message.data, self.loads)
+                if items:
+                    on_messages(items)
             finally:
-                message.ack()  # the bus is real-time: a retry later is worse than a loss now
-            if items:
-                on_messages(items)
+                # Ack only after the hand-off: with ordering on, the ack is what
+                # releases the room's next message to another client thread,
+                # which could otherwise hand it over first.
+                # The bus is real-time: a retry later is worse than a loss now.
+                message.ack()
 
         flow = pubsub_v1.types.FlowControl(max_messages=self._max_outstanding)
         self._streaming = self.subscriber.subscribe(self.subscription_path, callback, flow_control=flow)
@@ -208,13 +255,14 @@ class PubSubTransport:
         return self._streaming is not None and not self._streaming.done()
 
     def stop_pull(self) -> None:
-        if self._streaming is not None:
-            self._streaming.cancel()
+        # Swap first: close() and the listener's cleanup may both stop the pull.
+        streaming, self._streaming = self._streaming, None
+        if streaming is not None:
+            streaming.cancel()
             try:
-                self._streaming.result(timeout=5)
+                streaming.result(timeout=5)
             except Exception:  # cancelled futures raise; nothing to report
                 pass
-            self._streaming = None
 
     def delete_subscription(self) -> None:
         if self.subscription_path is None:
