@@ -27,6 +27,7 @@ import base64
 import binascii
 import hashlib
 import secrets
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -175,8 +176,13 @@ class Message:
             doc["reply_to"] = self.reply_to
         return doc
 
-    def to_wire(self, *, with_status: bool = False) -> dict:
-        """The payload of new_message / ai_response_complete / file_uploaded (PROTOCOL.md)."""
+    def to_wire(self, *, with_status: bool = False, file_urls: Mapping[str, str | None] | None = None) -> dict:
+        """The payload of new_message / ai_response_complete / file_uploaded (PROTOCOL.md).
+
+        Stored file records carry more than the wire shows (``object_name``);
+        only ``WIRE_FILE_FIELDS`` go out, plus ``url`` from ``file_urls``
+        (``{file_id: signed URL}``) when it is given.
+        """
         wire = {"message_id": self.id, "role": self.role, "content": self.content,
                 "timestamp": protocol.timestamp(self.created_at), "conversation_id": self.conversation_id}
         if self.role == protocol.ROLE_USER:
@@ -184,10 +190,21 @@ class Message:
             if self.client_message_id is not None:
                 wire["client_message_id"] = self.client_message_id
             if self.files:
-                wire["files"] = [dict(f) for f in self.files]
+                wire["files"] = [file_to_wire(f, file_urls) for f in self.files]
         if self.role == protocol.ROLE_ASSISTANT or with_status:
             wire["status"] = self.status
         return wire
+
+
+WIRE_FILE_FIELDS = ("file_id", "filename", "content_type", "size")
+
+
+def file_to_wire(record: Mapping[str, Any], file_urls: Mapping[str, str | None] | None = None) -> dict:
+    """``{file_id, filename, content_type, size[, url]}`` of a stored file record."""
+    wire = {k: record.get(k) for k in WIRE_FILE_FIELDS}
+    if file_urls is not None:
+        wire["url"] = file_urls.get(record.get("file_id"))
+    return wire
 
 
 class ChatStore:

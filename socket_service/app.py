@@ -16,13 +16,14 @@ from datetime import timedelta
 
 import socketio
 from aiohttp import web
-from google.cloud import firestore, pubsub_v1
+from google.cloud import firestore, pubsub_v1, storage
 
 from chatcore import protocol, topology
 from chatcore.ai_requests import AiRequest
 from chatcore.async_pubsub_manager import AsyncGooglePubSubManager
 from chatcore.auth import TokenVerifier
 from chatcore.replies import ABANDONED, ReplyStore
+from chatcore.signing import UrlSigner
 from chatcore.store import ChatStore
 
 from . import http_api
@@ -60,7 +61,8 @@ class AiRequestPublisher:
 
 
 def create_app(settings: Settings, *, firestore_client=None, publisher=None, subscriber=None,
-               verifier: TokenVerifier | None = None) -> web.Application:
+               verifier: TokenVerifier | None = None, storage_client=None,
+               signer: UrlSigner | None = None) -> web.Application:
     topo = topology.load()
     db = firestore_client or firestore.AsyncClient(project=settings.gcp.project_id,
                                                    database=settings.gcp.firestore_database)
@@ -85,6 +87,9 @@ def create_app(settings: Settings, *, firestore_client=None, publisher=None, sub
     app[http_api.VERIFIER] = verifier
     app[http_api.SIO] = sio
     app[http_api.STATE] = {"bus": bus, "shutting_down": False}
+    # Files: signed download URLs in the history, and deletion with the conversation.
+    app[http_api.STORAGE] = storage_client or storage.Client(project=settings.gcp.project_id)
+    app[http_api.SIGNER] = signer or UrlSigner(settings.signing, settings.uploads_bucket)
     sio.attach(app)
     http_api.add_routes(app, settings)
 

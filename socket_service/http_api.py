@@ -13,11 +13,14 @@ import logging
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
+from google.auth.exceptions import GoogleAuthError
 
 from chatcore import protocol
 from chatcore import store as store_mod
+from chatcore import uploads as uploads_mod
 from chatcore.auth import Identity, TokenVerifier, bearer_token, issue_token
-from chatcore.errors import ChatError, InvalidArgument, NotFound, Unauthenticated
+from chatcore.errors import ChatError, InvalidArgument, NotFound, Unauthenticated, Unavailable
+from chatcore.signing import SigningUnavailable, UrlSigner
 
 from .settings import Settings
 
@@ -28,6 +31,8 @@ STORE = web.AppKey("store", store_mod.ChatStore)
 VERIFIER = web.AppKey("verifier", TokenVerifier)
 SIO = web.AppKey("sio", object)
 STATE = web.AppKey("state", dict)
+SIGNER = web.AppKey("signer", UrlSigner)
+STORAGE = web.AppKey("storage", object)  # google.cloud.storage.Client of the uploads bucket
 
 MAX_JSON_BODY = 64 * 1024
 
@@ -188,9 +193,37 @@ async def rename_conversation(request: web.Request) -> web.Response:
 async def delete_conversation(request: web.Request) -> web.Response:
     user = await identity(request)
     cid = conversation_id(request)
-    await request.app[STORE].delete_conversation(cid, user.user_id)
+    store = request.app[STORE]
+    await store.require_owner(cid, user.user_id)
+    # Files first: if that fails the owner can retry, since the conversation still exists.
+    await _delete_objects(request.app, cid, strict=True)
+    await store.delete_conversation(cid, user.user_id)
     await request.app[SIO].close_room(protocol.conversation_room(cid))
+    # A file accepted between the two passes; later uploads are refused by the finalize function.
+    await _delete_objects(request.app, cid, strict=False)
     return web.Response(status=204)
+
+
+async def _delete_objects(app: web.Application, cid: str, *, strict: bool) -> None:
+    settings = app[SETTINGS]
+    try:
+        await asyncio.to_thread(uploads_mod.delete_conversation_objects, app[STORAGE], settings.uploads_bucket, cid)
+    except Exception as exc:
+        logger.error("could not delete the files of conversation %s: %s", cid, type(exc).__name__)
+        if strict:
+            raise Unavailable("could not delete the conversation's files; please retry") from None
+
+
+async def _file_urls(app: web.Application, messages: list[store_mod.Message]) -> dict[str, str | None]:
+    """Fresh signed download URLs (``{file_id: url}``) for the files of these messages; no object is public."""
+    files = [f for m in messages for f in m.files]
+    if not files:
+        return {}
+    try:
+        return await asyncio.to_thread(app[SIGNER].download_urls, files)
+    except (SigningUnavailable, GoogleAuthError) as exc:  # the history still answers, with null URLs
+        logger.error("cannot sign download URLs: %s", type(exc).__name__)
+        return {}
 
 
 async def add_participant(request: web.Request) -> web.Response:
@@ -222,7 +255,9 @@ async def list_messages(request: web.Request) -> web.Response:
     await store.require_participant(cid, user.user_id)
     limit = store_mod.page_size(request.query.get("limit"))
     items, before = await store.list_messages(cid, limit, request.query.get("before"))
-    return web.json_response({"items": [m.to_wire(with_status=True) for m in items], "next_before": before})
+    urls = await _file_urls(request.app, items)
+    return web.json_response({"items": [m.to_wire(with_status=True, file_urls=urls) for m in items],
+                              "next_before": before})
 
 
 def add_routes(app: web.Application, settings: Settings) -> None:

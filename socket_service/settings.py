@@ -11,6 +11,7 @@ from dataclasses import dataclass, replace
 from datetime import timedelta
 from urllib.parse import urlparse
 
+from chatcore import topology
 from chatcore.auth import HMAC_ALGORITHMS, AuthConfig
 from chatcore.config import (
     ENV_LOCAL,
@@ -28,6 +29,7 @@ from chatcore.config import (
 )
 from chatcore.errors import ConfigError
 from chatcore.quotas import QuotaPolicy
+from chatcore.signing import SigningConfig
 
 AI_PROVIDERS = ("offline", "gemini", "openai")
 
@@ -46,6 +48,8 @@ class Settings:
     max_http_buffer_size: int
     upload_url: str
     upload_limits: UploadLimits
+    uploads_bucket: str
+    signing: SigningConfig
     ai_provider: str
     bus_pack_window_ms: float
     events_per_second: float
@@ -91,6 +95,8 @@ class Settings:
             max_http_buffer_size=env_int(env, "MAX_HTTP_BUFFER_SIZE", 1_000_000, minimum=1024),
             upload_url=env_str(env, "UPLOAD_URL", "http://127.0.0.1:8081/" if local else ""),
             upload_limits=UploadLimits.from_env(env),
+            uploads_bucket=env_str(env, "UPLOAD_BUCKET", topology.load().uploads_bucket),
+            signing=SigningConfig.from_env(env),
             ai_provider=env_choice(env, "AI_PROVIDER", "offline", AI_PROVIDERS),
             bus_pack_window_ms=env_float(env, "BUS_PACK_WINDOW_MS", 2.0, minimum=0, maximum=100),
             events_per_second=env_float(env, "EVENTS_PER_SECOND", 20.0, minimum=0.1),

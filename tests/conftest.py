@@ -53,6 +53,21 @@ def ai_function(stack):
 
 
 @pytest.fixture(scope="session")
+def upload_functions(stack):
+    """request_upload (HTTP) and on_upload_finalized (fed by fake-gcs-server's notifications via Pub/Sub push)."""
+    stack.start_upload_functions()
+    return stack.upload_url
+
+
+@pytest.fixture(scope="session")
+def storage_client(stack):
+    """An in-process Cloud Storage client on fake-gcs-server."""
+    from google.cloud import storage
+
+    return storage.Client(project=stack.project_id)
+
+
+@pytest.fixture(scope="session")
 def service(stack, ai_function):
     """The socket service, as a separate process (what Cloud Run runs)."""
     stack.start_socket_service(stack.ports.chat, name="socket-a", **GENEROUS_QUOTAS)

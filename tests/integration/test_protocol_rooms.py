@@ -123,12 +123,12 @@ async def test_integer_conversation_id_is_accepted(service, make_token, clients,
 
 async def test_join_returns_gap_free_snapshot_of_replies_in_progress(service, api, make_token, clients,
                                                                      firestore_db):
-    from datetime import datetime, timezone
+    from datetime import datetime
 
     token = make_token()
     conv = await api.create_conversation(token)
     messages = firestore_db.collection("conversations").document(conv["id"]).collection("messages")
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     # Two replies in progress, written as the AI function writes them: each
     # chunk stored before it is emitted. (No AI request is published, so the
     # function does not touch them.)
