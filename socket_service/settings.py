@@ -80,8 +80,9 @@ class Settings:
         env = process_environ() if environ is None else environ
         environment = env_choice(env, "CHAT_ENV", ENV_LOCAL, ENVIRONMENTS)
         local = environment == ENV_LOCAL
-        port = env_int(env, "CHAT_PORT", env_int(env, "PORT", 8080, minimum=1, maximum=65535),
-                       minimum=1, maximum=65535)
+        # CHAT_PORT (make dev, tests) wins over PORT (what Cloud Run sets).
+        port_variable = "CHAT_PORT" if env_str(env, "CHAT_PORT") else "PORT"
+        port = env_int(env, port_variable, 8080, minimum=1, maximum=65535)
         settings = cls(
             environment=environment,
             host=env_str(env, "CHAT_HOST", "127.0.0.1" if local else "0.0.0.0"),
