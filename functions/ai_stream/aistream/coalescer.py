@@ -1,8 +1,9 @@
 """Coalesces model tokens into chunks, so bus messages do not follow the token rate.
 
 The first text is flushed at once (a fast first chunk); after that a chunk is
-due when ``interval`` seconds passed since the last flush, or earlier when
-``max_chars`` are waiting. With the default 100 ms that is at most about ten
+due when ``interval`` seconds passed since the previous chunk was *sent*
+(``sent()``, after it was stored and emitted, so a slow store cannot make the
+next chunk follow at once), or earlier when ``max_chars`` are waiting. With the default 100 ms that is at most about ten
 bus messages per second per reply, whatever the model's speed.
 """
 
@@ -42,5 +43,10 @@ class ChunkCoalescer:
         text = "".join(self._parts)
         self._parts.clear()
         self._size = 0
-        self._last_flush = self.clock()
+        if self._last_flush is None:
+            self._last_flush = self.clock()
         return text
+
+    def sent(self) -> None:
+        """The chunk taken last has gone out; the next interval starts now."""
+        self._last_flush = self.clock()

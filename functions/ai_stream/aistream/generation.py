@@ -138,7 +138,11 @@ class _ReplyRun:
             while True:
                 due = self.coalescer.seconds_until_due()
                 if due == 0:
+                    # Everything the model produced meanwhile joins this chunk.
+                    terminal = self._drain(queue)
                     await self._flush()
+                    if terminal is not None:
+                        return await self._end_with(terminal)
                     continue
                 now = loop.time()
                 if now >= deadline:
@@ -163,20 +167,31 @@ class _ReplyRun:
                     return protocol.CANCELLED, None
                 if getter in done:
                     item = getter.result()
-                    if item is _END:
-                        await self._flush_rest()
-                        return protocol.COMPLETE, None
-                    if isinstance(item, ProviderError):
-                        await self._flush_rest()
-                        logger.warning("provider %s failed for %s: %s", self.gen.provider.name, self.reply.id,
-                                       item.message)
-                        return protocol.FAILED, {"code": item.code, "message": item.message}
+                    if item is _END or isinstance(item, ProviderError):
+                        return await self._end_with(item)
                     self.coalescer.add(item)
                     idle_deadline = loop.time() + idle_limit
         finally:
             producer.cancel()
             watcher.cancel()
             await asyncio.gather(producer, watcher, return_exceptions=True)
+
+    def _drain(self, queue: asyncio.Queue):
+        """Move every piece already waiting into the coalescer; returns the end marker or error if seen."""
+        while not queue.empty():
+            item = queue.get_nowait()
+            if item is _END or isinstance(item, ProviderError):
+                return item
+            self.coalescer.add(item)
+        return None
+
+    async def _end_with(self, item) -> tuple[str, dict | None]:
+        """The model finished (``_END``) or failed (``ProviderError``): send what is left."""
+        await self._flush_rest()
+        if item is _END:
+            return protocol.COMPLETE, None
+        logger.warning("provider %s failed for %s: %s", self.gen.provider.name, self.reply.id, item.message)
+        return protocol.FAILED, {"code": item.code, "message": item.message}
 
     async def _produce(self, turns: list[Turn], queue: asyncio.Queue) -> None:
         stream = self.gen.provider.stream(turns, system=self.settings.system_prompt)
@@ -209,6 +224,7 @@ class _ReplyRun:
         self.progress.parts.append(text)
         self._emit(protocol.AI_RESPONSE_CHUNK,
                    protocol.chunk_payload(self.reply.conversation_id, self.reply.id, seq, text))
+        self.coalescer.sent()
 
     async def _flush_rest(self) -> None:
         if self.coalescer.pending:
