@@ -27,6 +27,14 @@ ROOT = Path(__file__).resolve().parent.parent
 GCS_CORS_HEADERS = "content-type,x-goog-content-length-range,x-goog-if-generation-match,x-goog-meta-upload-id"
 
 
+# The Pub/Sub emulator keeps at most two pushes in flight per subscription,
+# and the AI function holds each push for its whole reply (production Pub/Sub
+# scales push concurrency by itself). Locally, identical copies of the push
+# subscription raise that to 2 x copies replies at once; the function drops
+# the extra deliveries of a request in memory before touching Firestore.
+LOCAL_PUSH_COPIES = {"ai_stream": 30}
+
+
 @dataclass
 class Ports:
     firestore: int
@@ -192,18 +200,21 @@ class Stack:
                 # The path names the topic, so functions-framework builds the
                 # CloudEvent `source` exactly as Eventarc does in production.
                 endpoint = f"{base}/projects/{self.project_id}/topics/{sub.topic}"
-                try:
-                    subscriber.create_subscription(request={
-                        "name": subscriber.subscription_path(self.project_id, sub.name),
-                        "topic": publisher.topic_path(self.project_id, sub.topic),
-                        "push_config": {"push_endpoint": endpoint},
-                        "ack_deadline_seconds": sub.ack_deadline_seconds,
-                        "dead_letter_policy": {
-                            "dead_letter_topic": publisher.topic_path(self.project_id, sub.dead_letter_topic),
-                            "max_delivery_attempts": sub.max_delivery_attempts},
-                    })
-                except gexc.AlreadyExists:
-                    pass
+                copies = LOCAL_PUSH_COPIES.get(sub.target, 1)
+                names = [sub.name] + [f"{sub.name}-local-{i}" for i in range(2, copies + 1)]
+                for name in names:
+                    try:
+                        subscriber.create_subscription(request={
+                            "name": subscriber.subscription_path(self.project_id, name),
+                            "topic": publisher.topic_path(self.project_id, sub.topic),
+                            "push_config": {"push_endpoint": endpoint},
+                            "ack_deadline_seconds": sub.ack_deadline_seconds,
+                            "dead_letter_policy": {
+                                "dead_letter_topic": publisher.topic_path(self.project_id, sub.dead_letter_topic),
+                                "max_delivery_attempts": sub.max_delivery_attempts},
+                        })
+                    except gexc.AlreadyExists:
+                        pass
             subscriber.close()
         finally:
             for k, v in old.items():
@@ -238,7 +249,7 @@ class Stack:
                               "--host", "127.0.0.1", "--port", str(port)], port,
                        env={**self.service_env(**extra_env), "PYTHONPATH": f"{source}:{ROOT}",
                             # gunicorn threads: one per reply being streamed at once.
-                            "THREADS": extra_env.get("THREADS", "64")},
+                            "THREADS": extra_env.get("THREADS", "128")},
                        log_path=self.log_dir / f"{name}-{port}.log")
         return self._start(proc, lambda: port_accepts(port), 60)
 

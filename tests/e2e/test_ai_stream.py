@@ -113,3 +113,29 @@ async def test_malformed_request_is_acknowledged_not_retried(ai_function, stack)
             async with http.post(f"{ai_function}/projects/{stack.project_id}/topics/ai-requests",
                                  json=envelope) as response:
                 assert response.status == 200, await response.text()
+
+
+async def test_fifty_replies_stream_at_once(api, service, make_token, clients):
+    """The local stack serves at least 50 replies at the same time (DESIGN.md: push subscriptions)."""
+    conversations = []
+    for _ in range(50):
+        conv, (client,) = await room(api, service, make_token, clients)
+        conversations.append((conv, client))
+    loop = asyncio.get_running_loop()
+
+    async def one(conv, client) -> tuple[float, float]:
+        ack = await client.call("send_message", {"conversation_id": conv["id"], "message": "/stream 1000"},
+                                timeout=60)
+        assert ack["ok"], ack
+        reply_id = f"{ack['message_id']}-r"
+        await client.wait_for("ai_response_chunk", lambda c: c["message_id"] == reply_id, timeout=60)
+        first = loop.time()
+        done = await client.wait_for("ai_response_complete", lambda m: m["message_id"] == reply_id, timeout=180)
+        assert done["status"] == "complete"
+        assert done["content"] == " ".join(f"word{i}" for i in range(1, 1001))
+        return first, loop.time()
+
+    spans = await asyncio.gather(*(one(conv, client) for conv, client in conversations))
+    # The most replies streaming at one instant (between first chunk and completion).
+    overlap = max(sum(1 for a, b in spans if a <= t < b) for t, _ in spans)
+    assert overlap >= 50, overlap

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from google.api_core import exceptions as gexc
@@ -29,6 +30,7 @@ from .settings import Settings
 
 logger = logging.getLogger(__name__)
 
+RECENT_CLAIMS = 10_000
 _END = object()
 SKIPPED = "skipped"
 DELETED = "deleted"
@@ -55,14 +57,32 @@ class ReplyGenerator:
         self.provider = provider
         self.files = files
         self.worker_id = worker_id
+        self._handling: set[str] = set()
+        self._claimed: OrderedDict[str, None] = OrderedDict()
 
     async def handle(self, request: AiRequest) -> str:
         """Returns the reply's final status, or ``"skipped"`` for a duplicate request."""
-        reply = await self.replies.claim(request.conversation_id, request.message_id, self.worker_id)
+        mid = request.message_id
+        # Copies of a request that reach this instance while (or after) it is
+        # handled are dropped here, without a Firestore transaction each. The
+        # claim stays the real guard across instances.
+        if mid in self._handling or mid in self._claimed:
+            return SKIPPED
+        self._handling.add(mid)
+        try:
+            reply = await self.replies.claim(request.conversation_id, mid, self.worker_id)
+            self._remember(mid)
+        finally:
+            self._handling.discard(mid)
         if reply is None:
-            logger.info("reply %s is not pending; duplicate request ignored", request.message_id)
+            logger.info("reply %s is not pending; duplicate request ignored", mid)
             return SKIPPED
         return await _ReplyRun(self, reply).execute()
+
+    def _remember(self, message_id: str) -> None:
+        self._claimed[message_id] = None
+        while len(self._claimed) > RECENT_CLAIMS:
+            self._claimed.popitem(last=False)
 
 
 class _ReplyRun:
