@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: dev test lint bench prereqs clean
+.PHONY: dev test lint bench prereqs clean ui
 
 $(STAMP): requirements-dev.txt constraints.txt $(wildcard */requirements.txt functions/*/requirements.txt)
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11+ is required (found " + sys.version.split()[0] + ")")'
@@ -16,7 +16,22 @@ $(STAMP): requirements-dev.txt constraints.txt $(wildcard */requirements.txt fun
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt -c constraints.txt
 	@touch $(STAMP)
 
-prereqs: $(STAMP)
+# The chat UI's browser libraries: pinned npm packages (package-lock.json),
+# copied into socket_service/ui/vendor/ (not committed).
+UI_VENDOR := socket_service/ui/vendor
+UI_STAMP := $(UI_VENDOR)/.installed-stamp
+
+$(UI_STAMP): package.json package-lock.json
+	@command -v npm >/dev/null 2>&1 || { echo "npm (Node.js 18+) is required to install the chat UI's libraries" >&2; exit 1; }
+	npm ci --no-audit --no-fund --ignore-scripts --loglevel=error
+	@mkdir -p $(UI_VENDOR)
+	cp node_modules/socket.io-client/dist/socket.io.min.js node_modules/marked/lib/marked.umd.js \
+	   node_modules/dompurify/dist/purify.min.js $(UI_VENDOR)/
+	@touch $(UI_STAMP)
+
+ui: $(UI_STAMP)
+
+prereqs: $(STAMP) $(UI_STAMP)
 	@bash scripts/install-system-deps.sh
 	@$(PY) -m devstack --check
 
@@ -31,4 +46,4 @@ bench: prereqs
 	$(PY) bench/fanout.py
 
 clean:
-	rm -rf $(VENV) .devstack .pytest_cache test-artifacts
+	rm -rf $(VENV) .devstack .pytest_cache test-artifacts node_modules $(UI_VENDOR)

@@ -29,6 +29,7 @@ from chatcore.store import ChatStore
 from . import http_api
 from .realtime import ChatNamespace
 from .settings import Settings
+from .ui import add_ui_routes
 
 logger = logging.getLogger(__name__)
 
@@ -92,6 +93,7 @@ def create_app(settings: Settings, *, firestore_client=None, publisher=None, sub
     app[http_api.SIGNER] = signer or UrlSigner(settings.signing, settings.uploads_bucket)
     sio.attach(app)
     http_api.add_routes(app, settings)
+    add_ui_routes(app, settings)
 
     replies = ReplyStore(store)
 

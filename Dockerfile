@@ -1,0 +1,50 @@
+# The socket service (Cloud Run). Build from the repository root:
+#   docker build -t socket-service .        (or: python -m deploy apply / cloudbuild.yaml)
+# Only chatcore/, socket_service/, the pinned requirements and the chat UI's
+# pinned npm packages enter the build (.dockerignore lists what may).
+
+# The chat UI's browser libraries, from package-lock.json, as `make ui` does.
+FROM node:22.12.0-bookworm-slim AS ui-vendor
+WORKDIR /build
+COPY package.json package-lock.json ./
+RUN npm ci --no-audit --no-fund --ignore-scripts --loglevel=error \
+    && mkdir vendor \
+    && cp node_modules/socket.io-client/dist/socket.io.min.js node_modules/marked/lib/marked.umd.js \
+       node_modules/dompurify/dist/purify.min.js vendor/
+
+FROM python:3.11.13-slim-bookworm
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    # Production defaults: listen on 0.0.0.0, no dev tokens, explicit CORS
+    # required. Cloud Run sets PORT, which the service reads.
+    CHAT_ENV=production \
+    PORT=8080
+
+WORKDIR /app
+
+# Dependencies first, so code changes reuse this layer: exactly the pinned
+# runtime requirements, with the repository's constraints for what they pull in.
+COPY socket_service/requirements.txt /tmp/requirements.txt
+COPY constraints.txt /tmp/constraints.txt
+RUN pip install --no-cache-dir -r /tmp/requirements.txt -c /tmp/constraints.txt \
+    && rm /tmp/requirements.txt /tmp/constraints.txt
+
+RUN groupadd --system --gid 10001 chat \
+    && useradd --system --uid 10001 --gid chat --no-create-home --shell /usr/sbin/nologin chat
+
+COPY chatcore/ ./chatcore/
+COPY socket_service/ ./socket_service/
+COPY --from=ui-vendor /build/vendor/ ./socket_service/ui/vendor/
+
+USER 10001:10001
+EXPOSE 8080
+
+# For `docker run`; Cloud Run ignores it and uses the startup and liveness
+# probes on /healthz instead (infra/terraform/run.tf).
+HEALTHCHECK --interval=30s --timeout=3s --start-period=20s \
+    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/healthz' % (os.environ.get('CHAT_PORT') or os.environ.get('PORT', '8080')), timeout=2)"]
+
+CMD ["python", "-m", "socket_service"]

@@ -1,0 +1,97 @@
+# Firestore in native mode, the composite indexes our queries need, the TTL
+# field of pending uploads, and security rules that deny all direct client
+# access (only the backend, through IAM, reads and writes).
+
+resource "google_firestore_database" "main" {
+  project     = var.project_id
+  name        = var.firestore_database
+  location_id = var.firestore_location
+  type        = "FIRESTORE_NATIVE"
+
+  # Server client libraries' transactions (claiming replies, quotas, uploads).
+  concurrency_mode                  = "PESSIMISTIC"
+  app_engine_integration_mode       = "DISABLED"
+  point_in_time_recovery_enablement = "POINT_IN_TIME_RECOVERY_ENABLED"
+  delete_protection_state           = var.deletion_protection ? "DELETE_PROTECTION_ENABLED" : "DELETE_PROTECTION_DISABLED"
+  deletion_policy                   = var.deletion_protection ? "ABANDON" : "DELETE"
+
+  depends_on = [google_project_service.apis]
+}
+
+# GET /api/conversations (chatcore/store.py list_conversations):
+# participants array-contains <user> ORDER BY updated_key DESC (and
+# updated_key < cursor for the next page).
+resource "google_firestore_index" "conversations_by_participant" {
+  project    = var.project_id
+  database   = google_firestore_database.main.name
+  collection = "conversations"
+
+  fields {
+    field_path   = "participants"
+    array_config = "CONTAINS"
+  }
+  fields {
+    field_path = "updated_key"
+    order      = "DESCENDING"
+  }
+}
+
+# The stale-reply sweeper (chatcore/replies.py fail_stale), across every
+# conversation: collection group `messages` WHERE status IN [pending,
+# streaming] AND heartbeat_at < cutoff.
+resource "google_firestore_index" "messages_stale_replies" {
+  project     = var.project_id
+  database    = google_firestore_database.main.name
+  collection  = "messages"
+  query_scope = "COLLECTION_GROUP"
+
+  fields {
+    field_path = "status"
+    order      = "ASCENDING"
+  }
+  fields {
+    field_path = "heartbeat_at"
+    order      = "ASCENDING"
+  }
+}
+
+# Every other query uses one field (messages by sort_key, replies in progress
+# by status within a conversation, chunks by seq) and is served by Firestore's
+# automatic single-field indexes.
+
+# Pending uploads expire through a TTL field (topology.json -> uploads);
+# accepting an upload removes the field. Not indexed: nothing queries it, and
+# an indexed timestamp that only grows would be a write hotspot.
+resource "google_firestore_field" "pending_upload_ttl" {
+  project    = var.project_id
+  database   = google_firestore_database.main.name
+  collection = local.uploads_layout.pending_collection
+  field      = local.uploads_layout.pending_expiry_field
+
+  ttl_config {}
+  index_config {}
+}
+
+# Security rules: deny every direct client read and write.
+resource "google_firebaserules_ruleset" "firestore" {
+  project = var.project_id
+
+  source {
+    files {
+      name    = "firestore.rules"
+      content = file("${path.module}/firestore.rules")
+    }
+  }
+
+  depends_on = [google_firestore_database.main]
+}
+
+resource "google_firebaserules_release" "firestore" {
+  project      = var.project_id
+  name         = var.firestore_database == "(default)" ? "cloud.firestore" : "cloud.firestore/${var.firestore_database}"
+  ruleset_name = "projects/${var.project_id}/rulesets/${google_firebaserules_ruleset.firestore.name}"
+
+  lifecycle {
+    replace_triggered_by = [google_firebaserules_ruleset.firestore]
+  }
+}

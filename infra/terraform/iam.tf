@@ -1,0 +1,220 @@
+# One service account per deployable, each with only the roles it needs, on
+# the narrowest resource that works. No primitive roles (owner/editor/viewer).
+#
+#   socket service  chat-socket   Firestore; publish chat-events and ai-requests;
+#                                 its own per-instance subscriptions on chat-events;
+#                                 read/delete uploads (signed downloads, conversation
+#                                 deletion), sign URLs as itself; JWT secret
+#   upload functions chat-upload  Firestore; publish chat-events; write/read/delete
+#                                 uploads, sign URLs as itself; JWT secret
+#   ai_stream       chat-ai       Firestore; publish chat-events; read uploads;
+#                                 Vertex AI; model API key secrets if configured
+#   push-invoker    chat-push     invoke the two push-fed functions (OIDC identity
+#                                 of the push subscriptions), nothing else
+#   function builds chat-fn-build builds the functions' images (Cloud Build)
+
+resource "google_service_account" "socket" {
+  project      = var.project_id
+  account_id   = "chat-socket"
+  display_name = "Chat socket service (Cloud Run)"
+}
+
+resource "google_service_account" "upload" {
+  project      = var.project_id
+  account_id   = "chat-upload"
+  display_name = "Chat upload functions (request_upload, on_upload_finalized)"
+}
+
+resource "google_service_account" "ai_stream" {
+  project      = var.project_id
+  account_id   = "chat-ai"
+  display_name = "Chat AI reply function (ai_stream)"
+}
+
+resource "google_service_account" "push_invoker" {
+  project      = var.project_id
+  account_id   = "chat-push"
+  display_name = "Pub/Sub push subscriptions to the chat functions"
+}
+
+resource "google_service_account" "functions_build" {
+  project      = var.project_id
+  account_id   = "chat-fn-build"
+  display_name = "Builds of the chat functions"
+}
+
+# -- Firestore: no finer role than datastore.user exists for data access. -----
+resource "google_project_iam_member" "firestore_user" {
+  for_each = {
+    socket    = google_service_account.socket.member
+    upload    = google_service_account.upload.member
+    ai_stream = google_service_account.ai_stream.member
+  }
+
+  project = var.project_id
+  role    = "roles/datastore.user"
+  member  = each.value
+}
+
+# -- Pub/Sub: publishing is granted per topic. --------------------------------
+resource "google_pubsub_topic_iam_member" "publishers" {
+  for_each = {
+    "socket-chat-events"    = { topic = local.topology.topics.chat_events, member = google_service_account.socket.member }
+    "socket-ai-requests"    = { topic = local.topology.topics.ai_requests, member = google_service_account.socket.member }
+    "upload-chat-events"    = { topic = local.topology.topics.chat_events, member = google_service_account.upload.member }
+    "ai-stream-chat-events" = { topic = local.topology.topics.chat_events, member = google_service_account.ai_stream.member }
+  }
+
+  project = var.project_id
+  topic   = google_pubsub_topic.topics[each.value.topic].name
+  role    = "roles/pubsub.publisher"
+  member  = each.value.member
+}
+
+# The socket service's per-instance subscriptions on chat-events.
+#
+# Each instance creates `chat-events-instance-<host id>` at start-up, pulls
+# from it, and deletes it on SIGTERM (chatcore/pubsub_transport.py). Creating
+# a subscription takes pubsub.subscriptions.create on the project plus
+# pubsub.topics.attachSubscription on the topic; pulling and deleting take
+# consume and delete on the subscription, whose name is not known before it
+# exists, so those are granted on the project too.
+#
+# roles/pubsub.editor would also allow creating, changing and deleting topics
+# and snapshots, seeking, and changing any subscription's configuration. So:
+#   - roles/pubsub.subscriber on the chat-events TOPIC only: the topic-level
+#     permission it grants is topics.attachSubscription, so the service can
+#     attach subscriptions to chat-events and to no other topic;
+#   - roles/pubsub.viewer on the chat-events topic: topics.get, used by /readyz;
+#   - a custom project role with exactly subscriptions.create, .get, .consume
+#     and .delete (no update, no topic or snapshot permissions).
+# What remains broader than ideal: consume/delete apply to every subscription
+# of the project (including the push and dead-letter ones). IAM conditions on
+# resource.name are not available for Pub/Sub, so a name-prefix condition
+# cannot narrow them; a dedicated project, or an IAM deny policy on the
+# static subscriptions, would.
+resource "google_project_iam_custom_role" "instance_subscriptions" {
+  project     = var.project_id
+  role_id     = "chatInstanceSubscriptions"
+  title       = "Chat socket service: its own chat-events subscriptions"
+  description = "Create, read, pull from and delete the per-instance subscriptions of the socket service (attaching them needs topics.attachSubscription on chat-events, granted on that topic only)."
+  permissions = [
+    "pubsub.subscriptions.consume",
+    "pubsub.subscriptions.create",
+    "pubsub.subscriptions.delete",
+    "pubsub.subscriptions.get",
+  ]
+}
+
+resource "google_project_iam_member" "socket_instance_subscriptions" {
+  project = var.project_id
+  role    = google_project_iam_custom_role.instance_subscriptions.name
+  member  = google_service_account.socket.member
+}
+
+resource "google_pubsub_topic_iam_member" "socket_attach_chat_events" {
+  project = var.project_id
+  topic   = google_pubsub_topic.topics[local.topology.topics.chat_events].name
+  role    = "roles/pubsub.subscriber"
+  member  = google_service_account.socket.member
+}
+
+resource "google_pubsub_topic_iam_member" "socket_view_chat_events" {
+  project = var.project_id
+  topic   = google_pubsub_topic.topics[local.topology.topics.chat_events].name
+  role    = "roles/pubsub.viewer"
+  member  = google_service_account.socket.member
+}
+
+# -- Cloud Storage: on the uploads bucket only. --------------------------------
+# A V4 signed URL acts with its signer's permissions: the upload functions'
+# PUT URLs need create, the socket service's download URLs need get; the
+# socket service deletes a conversation's objects; on_upload_finalized reads
+# and deletes refused objects; ai_stream reads files for the prompt.
+resource "google_storage_bucket_iam_member" "uploads" {
+  for_each = {
+    socket    = { role = "roles/storage.objectUser", member = google_service_account.socket.member }
+    upload    = { role = "roles/storage.objectUser", member = google_service_account.upload.member }
+    ai_stream = { role = "roles/storage.objectViewer", member = google_service_account.ai_stream.member }
+  }
+
+  bucket = google_storage_bucket.uploads.name
+  role   = each.value.role
+  member = each.value.member
+}
+
+# Keyless URL signing: the runtime account signs through the IAM Credentials
+# signBlob API as itself (chatcore/signing.py), so it needs Token Creator on
+# its own account, and on no other.
+resource "google_service_account_iam_member" "self_sign" {
+  for_each = {
+    socket = google_service_account.socket
+    upload = google_service_account.upload
+  }
+
+  service_account_id = each.value.name
+  role               = "roles/iam.serviceAccountTokenCreator"
+  member             = each.value.member
+}
+
+# -- Vertex AI for the gemini provider. ---------------------------------------
+resource "google_project_iam_member" "ai_stream_vertex" {
+  project = var.project_id
+  role    = "roles/aiplatform.user"
+  member  = google_service_account.ai_stream.member
+}
+
+# -- Function builds (Cloud Build with a dedicated account). ------------------
+resource "google_project_iam_member" "functions_build_logs" {
+  project = var.project_id
+  role    = "roles/logging.logWriter"
+  member  = google_service_account.functions_build.member
+}
+
+resource "google_artifact_registry_repository_iam_member" "functions_build_push" {
+  project    = var.project_id
+  location   = google_artifact_registry_repository.chat.location
+  repository = google_artifact_registry_repository.chat.name
+  role       = "roles/artifactregistry.writer"
+  member     = google_service_account.functions_build.member
+}
+
+resource "google_storage_bucket_iam_member" "functions_build_sources" {
+  bucket = google_storage_bucket.function_sources.name
+  role   = "roles/storage.objectViewer"
+  member = google_service_account.functions_build.member
+}
+
+# -- Invoking the functions. --------------------------------------------------
+# 2nd-gen functions are Cloud Run services: invocation is run.invoker on the
+# service. The push-fed ones accept only the push subscriptions' account;
+# request_upload is public (browsers call it; it checks the JWT itself).
+resource "google_cloud_run_v2_service_iam_member" "push_invoker" {
+  for_each = local.push_functions
+
+  project  = var.project_id
+  location = var.region
+  name     = each.value.name
+  role     = "roles/run.invoker"
+  member   = google_service_account.push_invoker.member
+}
+
+resource "google_cloud_run_v2_service_iam_member" "request_upload_public" {
+  # Public on purpose: browsers call it from the chat page; every request is
+  # authenticated in code by its JWT (chatcore.auth), CORS names only our origins.
+  project  = var.project_id
+  location = var.region
+  name     = google_cloudfunctions2_function.request_upload.name
+  role     = "roles/run.invoker"
+  member   = "allUsers"
+}
+
+resource "google_cloud_run_v2_service_iam_member" "socket_public" {
+  # Public on purpose: the chat endpoint browsers connect to; every Socket.IO
+  # connection and API call is authenticated in code by its JWT.
+  project  = var.project_id
+  location = google_cloud_run_v2_service.socket.location
+  name     = google_cloud_run_v2_service.socket.name
+  role     = "roles/run.invoker"
+  member   = "allUsers"
+}

@@ -1,0 +1,27 @@
+# Versions are pinned exactly; `terraform init` records the provider checksums
+# in .terraform.lock.hcl, which belongs in version control after the first
+# init (it cannot be generated here, without the registry).
+terraform {
+  required_version = ">= 1.5.0, < 2.0.0"
+
+  required_providers {
+    google = {
+      source  = "hashicorp/google"
+      version = "6.49.3"
+    }
+    # Only for google_project_service_identity (the Pub/Sub service agent).
+    google-beta = {
+      source  = "hashicorp/google-beta"
+      version = "6.49.3"
+    }
+    archive = {
+      source  = "hashicorp/archive"
+      version = "2.7.1"
+    }
+  }
+
+  # State lives in a GCS bucket created once by hand (docs/DEPLOY.md); the
+  # bucket and prefix are given at init time: `python -m deploy` passes
+  # -backend-config=bucket=<project>-tfstate -backend-config=prefix=chat/<environment>.
+  backend "gcs" {}
+}

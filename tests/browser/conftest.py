@@ -1,0 +1,117 @@
+"""Browser fixtures: headless Debian Chromium driven by Playwright, against the session's socket service.
+
+No browser is downloaded: ``scripts/install-system-deps.sh`` (run by
+``make test``) installs Debian's ``chromium`` package, and Playwright is
+pointed at it. Screenshots go to ``test-artifacts/screenshots/``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+from playwright.async_api import Page, async_playwright, expect
+
+from tests.conftest import ARTIFACTS
+
+SCREENSHOTS = ARTIFACTS / "screenshots"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+PHONE = {"width": 390, "height": 844}
+
+# Replies and uploads cross several processes; Playwright's default of 5 s is short for a loaded CI machine.
+expect.set_options(timeout=20_000)
+
+
+def chromium_path() -> str | None:
+    return os.environ.get("CHROMIUM_PATH") or shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.fixture(scope="session")
+async def browser():
+    path = chromium_path()
+    if path is None:
+        pytest.fail("the browser tests need Chromium: `make test` installs Debian's chromium package "
+                    "(apt-get install chromium), or set CHROMIUM_PATH", pytrace=False)
+    async with async_playwright() as pw:
+        b = await pw.chromium.launch(executable_path=path, args=CHROMIUM_ARGS)
+        try:
+            yield b
+        finally:
+            await b.close()
+
+
+class Tab:
+    """One browser tab of the chat UI, recording dialogs and script errors."""
+
+    def __init__(self, page: Page):
+        self.page = page
+        self.dialogs: list[str] = []
+        self.errors: list[str] = []
+        page.on("dialog", self._on_dialog)
+        page.on("pageerror", lambda exc: self.errors.append(str(exc)))
+        page.on("console", lambda msg: self.errors.append(msg.text) if msg.type == "error" else None)
+
+    async def _on_dialog(self, dialog):
+        self.dialogs.append(dialog.message)
+        await dialog.dismiss()
+
+    async def open(self, service: str, token: str) -> Tab:
+        """Opens the page with the token in the fragment (read once, then removed from the URL)."""
+        await self.page.goto(f"{service}/#token={token}")
+        await expect(self.page.locator("#conn-state")).to_have_attribute("data-state", "connected")
+        assert "token" not in self.page.url
+        return self
+
+    async def open_conversation(self, conversation_id: str) -> None:
+        button = self.page.locator(f'#conversations button[data-id="{conversation_id}"]')
+        if not await button.count():
+            await self.page.get_by_role("button", name="Refresh the conversation list").click()
+        await button.click()
+        await expect(button).to_have_attribute("aria-current", "true")
+        await expect(self.page.locator("#message-list")).to_have_attribute("data-loaded", "1")
+
+    async def send(self, text: str) -> None:
+        box = self.page.get_by_label("Message", exact=True)
+        await box.fill(text)
+        await box.press("Enter")
+
+    def user_messages(self, text: str | None = None):
+        loc = self.page.locator('#message-list li[data-role="user"]')
+        return loc.filter(has=self.page.locator(".content", has_text=text)) if text else loc
+
+    def assistant(self):
+        return self.page.locator('#message-list li[data-role="assistant"]')
+
+    async def screenshot(self, name: str) -> Path:
+        SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+        path = SCREENSHOTS / f"{name}.png"
+        await self.page.screenshot(path=str(path), full_page=True)
+        return path
+
+
+@pytest.fixture
+async def tabs(browser):
+    """Factory: ``await tabs()`` opens a tab in a new browser context (a separate person);
+    ``await tabs(same_as=tab)`` opens a second tab of the same person (same context)."""
+    contexts = []
+
+    async def make(*, same_as: Tab | None = None, viewport: dict | None = None) -> Tab:
+        if same_as is not None:
+            page = await same_as.page.context.new_page()
+        else:
+            context = await browser.new_context(viewport=viewport or {"width": 1200, "height": 800})
+            contexts.append(context)
+            page = await context.new_page()
+        return Tab(page)
+
+    yield make
+    for context in contexts:
+        await context.close()
+
+
+def stream_words(n: int) -> str:
+    """What the offline provider answers to ``/stream N``."""
+    return " ".join(f"word{i}" for i in range(1, n + 1))

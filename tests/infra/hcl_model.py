@@ -1,0 +1,181 @@
+"""A static model of the Terraform module in infra/terraform, parsed with python-hcl2.
+
+It knows what each file declares (variables, locals, resources, data
+sources, outputs, modules) and every reference each expression makes, which
+is what the offline checks need: Terraform itself cannot plan here (no
+providers, no cloud).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import hcl2
+from hcl2 import SerializationOptions
+
+ROOT = Path(__file__).resolve().parents[2]
+TERRAFORM_DIR = ROOT / "infra" / "terraform"
+
+_OPTIONS = SerializationOptions(with_comments=False, strip_string_quotes=True)
+# References that must resolve to something the module defines.
+_REF = re.compile(
+    r"(?<![\w.])(?:"
+    r"(?P<kind>var|local|module)\.(?P<name>[A-Za-z_][\w-]*)"
+    r"|data\.(?P<dtype>[a-z][a-z0-9_]*)\.(?P<dname>[A-Za-z_][\w-]*)(?P<dindex>\[[^\]]*\])?(?:\.(?P<dattr>\w+))?"
+    r"|(?P<rtype>(?:google|archive)_[a-z0-9_]+)\.(?P<rname>[A-Za-z_][\w-]*)(?P<rindex>\[[^\]]*\])?(?:\.(?P<rattr>\w+))?"
+    r")"
+)
+
+
+@dataclass(frozen=True)
+class Ref:
+    kind: str  # var, local, module, data, resource
+    type: str  # resource or data source type ("" otherwise)
+    name: str
+    attr: str  # first attribute after the name (and index), "" if none
+    file: str
+
+
+@dataclass
+class Block:
+    kind: str  # resource, data, variable, output, module
+    type: str
+    name: str
+    body: dict[str, Any]
+    file: str
+
+
+@dataclass
+class Module:
+    files: dict[str, dict[str, Any]] = field(default_factory=dict)
+    variables: dict[str, Block] = field(default_factory=dict)
+    locals: dict[str, Any] = field(default_factory=dict)
+    local_files: dict[str, str] = field(default_factory=dict)
+    resources: dict[tuple[str, str], Block] = field(default_factory=dict)
+    data: dict[tuple[str, str], Block] = field(default_factory=dict)
+    outputs: dict[str, Block] = field(default_factory=dict)
+    modules: dict[str, Block] = field(default_factory=dict)
+
+    def resource(self, rtype: str, name: str) -> dict[str, Any]:
+        return self.resources[(rtype, name)].body
+
+    def resources_of(self, rtype: str) -> dict[str, dict[str, Any]]:
+        return {name: b.body for (t, name), b in self.resources.items() if t == rtype}
+
+    def refs(self) -> Iterator[Ref]:
+        for file, content in self.files.items():
+            for text in strings(content):
+                yield from references(text, file)
+
+
+def _label(value: str) -> str:
+    return value.strip('"')
+
+
+def load(directory: Path = TERRAFORM_DIR) -> Module:
+    module = Module()
+    for path in sorted(directory.glob("*.tf")):
+        with path.open() as handle:
+            content = hcl2.load(handle, serialization_options=_OPTIONS)
+        module.files[path.name] = content
+        for entry in content.get("variable", []):
+            for name, body in entry.items():
+                module.variables[_label(name)] = Block("variable", "", _label(name), body, path.name)
+        for entry in content.get("locals", []):
+            for name, value in entry.items():
+                if name.startswith("__"):
+                    continue
+                if name in module.locals:
+                    raise ValueError(f"local.{name} is defined twice ({module.local_files[name]}, {path.name})")
+                module.locals[name] = value
+                module.local_files[name] = path.name
+        for kind, target in (("resource", module.resources), ("data", module.data)):
+            for entry in content.get(kind, []):
+                for rtype, named in entry.items():
+                    for name, body in named.items():
+                        if name.startswith("__"):
+                            continue
+                        key = (_label(rtype), _label(name))
+                        if key in target:
+                            raise ValueError(f"{kind} {key} is defined twice")
+                        target[key] = Block(kind, key[0], key[1], body, path.name)
+        for kind, target in (("output", module.outputs), ("module", module.modules)):
+            for entry in content.get(kind, []):
+                for name, body in entry.items():
+                    target[_label(name)] = Block(kind, "", _label(name), body, path.name)
+    return module
+
+
+def strings(value: Any) -> Iterator[str]:
+    """Every string in a parsed body (skipping hcl2's own __markers__)."""
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            if not (isinstance(key, str) and key.startswith("__")):
+                yield from strings(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from strings(item)
+
+
+def interpolations(text: str) -> Iterator[str]:
+    """The ``${...}`` expressions of a string, with nested braces balanced."""
+    start = text.find("${")
+    while start != -1:
+        depth, i = 0, start + 1
+        while i < len(text):
+            if text[i] == "{":
+                depth += 1
+            elif text[i] == "}":
+                depth -= 1
+                if depth == 0:
+                    break
+            i += 1
+        yield text[start + 2:i]
+        start = text.find("${", i)
+
+
+def references(text: str, file: str = "") -> Iterator[Ref]:
+    for expression in interpolations(text):
+        for match in _REF.finditer(expression):
+            if match.group("kind"):
+                yield Ref(match.group("kind"), "", match.group("name"), "", file)
+            elif match.group("dtype"):
+                yield Ref("data", match.group("dtype"), match.group("dname"), match.group("dattr") or "", file)
+            else:
+                yield Ref("resource", match.group("rtype"), match.group("rname"), match.group("rattr") or "", file)
+
+
+def literal(value: Any) -> Any:
+    """A plain value, or None when it is an expression (``${...}``)."""
+    if isinstance(value, str) and "${" in value:
+        return None
+    return value
+
+
+def first(body: dict[str, Any], *path: str) -> Any:
+    """Walk nested blocks (lists of one dict each), e.g. first(body, "template", "containers")."""
+    value: Any = body
+    for key in path:
+        value = value[key]
+        if isinstance(value, list) and value and isinstance(value[0], dict):
+            value = value[0]
+    return value
+
+
+def dynamic_blocks(body: dict[str, Any], block: str) -> list[dict[str, Any]]:
+    return [entry[block] for entry in body.get("dynamic", []) if block in entry]
+
+
+def map_keys(value: Any) -> set[str]:
+    """Keys of a local that is a map literal, or of the map literals inside an expression string."""
+    if isinstance(value, dict):
+        return {k for k in value if not k.startswith("__")}
+    if isinstance(value, str):
+        return set(re.findall(r"\b([A-Z][A-Z0-9_]*)\s*=", value))
+    return set()

@@ -1,0 +1,246 @@
+"""The socket service's container image (checked statically: no Docker engine here) and what
+each deployable ships: everything its code imports comes from its own pinned requirements."""
+
+from __future__ import annotations
+
+import ast
+import fnmatch
+import importlib.metadata
+import importlib.util
+import re
+import shlex
+import sys
+from functools import cache
+from pathlib import Path
+
+import pytest
+from packaging.requirements import Requirement
+
+from deploy import packaging
+
+from .hcl_model import ROOT
+
+DOCKERFILE = ROOT / "Dockerfile"
+
+
+def instructions(path: Path = DOCKERFILE) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) with continuation lines joined and comments dropped."""
+    joined, current = [], ""
+    for line in path.read_text().splitlines():
+        stripped = line.strip()
+        if not current and (not stripped or stripped.startswith("#")):
+            continue
+        if current and stripped.startswith("#"):
+            continue
+        current += " " + stripped.rstrip("\\").strip() if current else stripped.rstrip("\\").strip()
+        if not stripped.endswith("\\"):
+            joined.append(current)
+            current = ""
+    return [(line.split(None, 1)[0].upper(), line.split(None, 1)[1] if " " in line else "") for line in joined]
+
+
+def _copy_sources(args: str) -> list[str]:
+    """Sources of a COPY from the build context (COPY --from=<stage> copies from a build stage)."""
+    words = shlex.split(args)
+    if any(w.startswith("--from=") for w in words):
+        return []
+    return [w for w in words[:-1] if not w.startswith("--")]
+
+
+def test_images_are_pinned_by_tag_and_the_service_runs_on_slim_python_311():
+    froms = [args.split()[0] for op, args in instructions() if op == "FROM"]
+    for image in froms:
+        assert re.fullmatch(r"[\w./-]+:\d+\.\d+\.\d+[\w.-]*(@sha256:[0-9a-f]{64})?", image), f"{image} is not pinned"
+    assert re.fullmatch(r"python:3\.11\.\d+-slim(-[a-z]+)?(@sha256:[0-9a-f]{64})?", froms[-1]), froms[-1]
+
+
+def test_ui_libraries_are_built_in_the_image_as_make_ui_does():
+    """The chat UI's vendor files are not committed: the image builds them from package-lock.json."""
+    ops = instructions()
+    makefile = (ROOT / "Makefile").read_text()
+    make_files = set(re.findall(r"node_modules/\S+\.js", makefile))
+    docker_files = set(re.findall(r"node_modules/\S+\.js", " ".join(args for op, args in ops if op == "RUN")))
+    assert make_files and docker_files == make_files
+    assert "npm ci" in " ".join(args for op, args in ops if op == "RUN")
+    assert any(op == "COPY" and "--from=" in args and args.split()[-1].rstrip("/").endswith("socket_service/ui/vendor")
+               for op, args in ops)
+
+
+def test_runs_as_a_non_root_user():
+    users = [args.strip() for op, args in instructions() if op == "USER"]
+    assert users, "no USER: the container would run as root"
+    user = users[-1].split(":")[0]
+    assert user not in ("root", "0")
+    # USER comes after every RUN (which may need root) and before CMD.
+    order = [op for op, _ in instructions()]
+    assert order.index("USER") > max(i for i, op in enumerate(order) if op == "RUN")
+    assert order.index("USER") < order.index("CMD")
+
+
+def test_installs_the_pinned_requirements_with_constraints():
+    ops = instructions()
+    sources = {src for op, args in ops if op == "COPY" for src in _copy_sources(args)}
+    assert {"socket_service/requirements.txt", "constraints.txt"} <= sources
+    runs = " ".join(args for op, args in ops if op == "RUN")
+    assert re.search(r"pip install .*-r /tmp/requirements\.txt -c /tmp/constraints\.txt", runs)
+    for line in (ROOT / "socket_service" / "requirements.txt").read_text().splitlines():
+        line = line.split("#")[0].strip()
+        if line:
+            assert "==" in line, f"socket_service/requirements.txt: {line} is not pinned"
+
+
+def test_copies_the_code_and_runs_the_service():
+    ops = instructions()
+    copied = {src.rstrip("/") for op, args in ops if op == "COPY" for src in _copy_sources(args)}
+    assert {"chatcore", "socket_service"} <= copied
+    cmd = [args for op, args in ops if op == "CMD"][-1]
+    assert ast.literal_eval(cmd) == ["python", "-m", "socket_service"]
+    env = " ".join(args for op, args in ops if op == "ENV")
+    assert "CHAT_ENV=production" in env  # so CHAT_HOST defaults to 0.0.0.0 and dev tokens stay off
+    assert "CHAT_PORT" not in env, "CHAT_PORT would override the PORT Cloud Run sets"
+
+
+def test_dockerignore_lets_in_exactly_what_the_dockerfile_copies():
+    patterns = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
+                if line.strip() and not line.startswith("#")]
+
+    def included(path: str) -> bool:
+        keep = True
+        for pattern in patterns:
+            negate = pattern.startswith("!")
+            pattern = pattern.lstrip("!").rstrip("/")
+            candidates = [pattern, pattern.removeprefix("**/")]
+            parts = path.split("/")
+            prefixes = ["/".join(parts[:i]) for i in range(1, len(parts) + 1)]
+            if any(fnmatch.fnmatch(p, c) or fnmatch.fnmatch(parts[-1], c) for p in prefixes for c in candidates):
+                keep = negate
+        return keep
+
+    for op, args in instructions():
+        if op == "COPY":
+            for source in _copy_sources(args):
+                assert included(source.rstrip("/") + ("/__init__.py" if source.endswith("/") else "")), source
+    for secret_or_bulk in (".venv/bin/python", ".git/config", "tests/conftest.py", ".devstack/logs/x",
+                           "chatcore/__pycache__/x.pyc", "infra/terraform/main.tf", "node_modules/x/y.js",
+                           "socket_service/ui/vendor/socket.io.min.js"):
+        assert not included(secret_or_bulk), secret_or_bulk
+
+
+def test_python_versions_agree():
+    """The image, the functions' runtime and pyproject all mean Python 3.11."""
+    base = [args for op, args in instructions() if op == "FROM"][-1]
+    assert base.startswith("python:3.11.")
+    assert 'requires-python = ">=3.11"' in (ROOT / "pyproject.toml").read_text()
+    assert 'runtime           = "python311"' in (ROOT / "infra" / "terraform" / "functions.tf").read_text()
+
+
+# -- what each deployable imports is in its requirements ---------------------
+def _imports(path: Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module)
+            names.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return names
+
+
+def _third_party_imports(roots: list[Path], first_party: set[str]) -> set[str]:
+    """Top-level third-party modules imported by these source trees (every import, lazy ones too)."""
+    found = set()
+    for root in roots:
+        for path in root.rglob("*.py"):
+            if "__pycache__" in path.parts:
+                continue
+            for name in _imports(path):
+                top = name.split(".")[0]
+                if top in first_party or top in sys.stdlib_module_names or top == "__future__":
+                    continue
+                found.add(name)
+    return found
+
+
+def _closure(requirements: Path) -> set[str]:
+    """Normalized names of the distributions the pinned requirements install, with their dependencies."""
+    def norm(name: str) -> str:
+        return re.sub(r"[-_.]+", "-", name).lower()
+
+    todo, seen = [], set()
+    for line in requirements.read_text().splitlines():
+        line = line.split("#")[0].strip()
+        if line:
+            req = Requirement(line)
+            todo.append((req.name, frozenset(req.extras)))
+    while todo:
+        name, extras = todo.pop()
+        if (norm(name), extras) in seen:
+            continue
+        seen.add((norm(name), extras))
+        try:
+            dist = importlib.metadata.distribution(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        for raw in dist.requires or []:
+            req = Requirement(raw)
+            if req.marker is None or any(req.marker.evaluate({"extra": e}) for e in (extras or {""})):
+                todo.append((req.name, frozenset(req.extras)))
+    return {name for name, _ in seen}
+
+
+@cache
+def _file_owners() -> dict[str, str]:
+    """Installed file (relative to site-packages) -> normalized name of the distribution that installed it."""
+    owners = {}
+    for dist in importlib.metadata.distributions():
+        name = re.sub(r"[-_.]+", "-", dist.metadata["Name"]).lower()
+        for file in dist.files or []:
+            owners[str(file)] = name
+    return owners
+
+
+@cache
+def _provided_by(module: str) -> set[str]:
+    """The distribution that installed the module (its longest importable prefix that is a file)."""
+    parts = module.split(".")
+    for i in range(len(parts), 0, -1):
+        try:
+            spec = importlib.util.find_spec(".".join(parts[:i]))
+        except (ImportError, ValueError):
+            continue
+        if spec is None or not spec.origin or spec.origin in ("built-in", "frozen"):
+            continue  # not a module, or a namespace package (google, google.cloud)
+        path = Path(spec.origin)
+        for parent in path.parents:
+            if parent.name == "site-packages":
+                owner = _file_owners().get(str(path.relative_to(parent)))
+                return {owner} if owner else set()
+        return set()
+    return set()
+
+
+def _is_namespace(module: str) -> bool:
+    try:
+        spec = importlib.util.find_spec(module)
+    except (ImportError, ValueError):
+        return False
+    return spec is not None and spec.origin is None and spec.submodule_search_locations is not None
+
+
+DEPLOYABLE_SOURCES = {
+    "socket_service": (["socket_service", "chatcore"], "socket_service/requirements.txt"),
+    **{f"functions/{name}": ([f"functions/{name}", "chatcore"], f"functions/{name}/requirements.txt")
+       for name in packaging.function_sources()},
+}
+
+
+@pytest.mark.parametrize("deployable", sorted(DEPLOYABLE_SOURCES))
+def test_deployable_imports_are_in_its_requirements(deployable):
+    folders, requirements = DEPLOYABLE_SOURCES[deployable]
+    roots = [ROOT / f for f in folders]
+    first_party = {"chatcore", "socket_service"} | {p.name for r in roots for p in r.iterdir() if p.is_dir()} | {
+        p.stem for r in roots for p in r.glob("*.py")}
+    closure = _closure(ROOT / requirements)
+    missing = {m: sorted(_provided_by(m)) for m in _third_party_imports(roots, first_party)
+               if not _is_namespace(m) and not _provided_by(m) & closure}
+    assert missing == {}, f"{deployable} imports modules its {requirements} does not install"

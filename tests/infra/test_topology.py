@@ -1,0 +1,180 @@
+"""Topics, subscriptions and buckets: Terraform and the local stack take every name from
+chatcore/topology.json and wire them the same way."""
+
+from __future__ import annotations
+
+import inspect
+import re
+
+from chatcore import signing
+from chatcore import topology as topology_mod
+from devstack import stack as devstack_stack
+
+from .hcl_model import first
+
+# Prose attributes may mention a topic by name; nothing else may spell one out.
+PROSE_KEYS = {"description", "display_name", "title", "content", "error_message"}
+
+
+def _strings_with_keys(value, key=""):
+    if isinstance(value, str):
+        yield key, value
+    elif isinstance(value, dict):
+        for k, item in value.items():
+            if not k.startswith("__"):
+                yield from _strings_with_keys(item, k)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _strings_with_keys(item, key)
+
+
+def _topology_names(raw: dict) -> set[str]:
+    names = set(raw["topics"].values()) | set(raw["buckets"].values())
+    names |= {s["name"] for s in raw["push_subscriptions"] + raw["pull_subscriptions"]}
+    names.add(raw["instance_subscription"]["name_prefix"])
+    return names
+
+
+def test_terraform_reads_the_topology_file(tf):
+    assert tf.locals["topology"] == '${jsondecode(file("${path.module}/../../chatcore/topology.json"))}'
+    assert (tf.local_files["topology"], topology_mod.TOPOLOGY_FILE.name) == ("main.tf", "topology.json")
+
+
+def test_no_topology_name_is_retyped_in_terraform(tf, topology_raw):
+    names = _topology_names(topology_raw)
+    found = []
+    for file, content in tf.files.items():
+        for key, text in _strings_with_keys(content):
+            if key in PROSE_KEYS:
+                continue
+            for name in names:
+                if re.search(rf"(?<![\w-]){re.escape(name)}(?![\w-])", text):
+                    found.append(f"{file}: {key} = {text!r} spells out {name!r}")
+    assert found == []
+
+
+def test_every_topology_topic_is_created_and_only_those(tf):
+    topics = tf.resources_of("google_pubsub_topic")
+    assert list(topics) == ["topics"]
+    assert topics["topics"]["for_each"] == "${toset(values(local.topology.topics))}"
+    assert topics["topics"]["name"] == "${each.value}"
+
+
+def test_chat_events_has_no_static_subscription(tf, topology_raw):
+    """Each socket-service instance creates its own; a static one would pile up unread messages."""
+    chat_events = topology_raw["topics"]["chat_events"]
+    subscribed = {s["topic"] for s in topology_raw["push_subscriptions"] + topology_raw["pull_subscriptions"]}
+    assert chat_events not in subscribed
+    assert topology_raw["instance_subscription"]["topic"] == chat_events
+    for name, body in tf.resources_of("google_pubsub_subscription").items():
+        assert "chat_events" not in body["topic"], name
+
+
+def test_push_subscriptions_match_the_local_stack(tf, topology_raw):
+    push = tf.resource("google_pubsub_subscription", "push")
+    assert tf.locals["push_subscriptions"] == "${{for s in local.topology.push_subscriptions : s.name => s}}"
+    assert push["for_each"] == "${local.push_subscriptions}"
+    assert push["name"] == "${each.value.name}"
+    assert push["topic"] == "${google_pubsub_topic.topics[each.value.topic].id}"
+    assert push["ack_deadline_seconds"] == "${each.value.ack_deadline_seconds}"
+    dead_letter = first(push, "dead_letter_policy")
+    assert dead_letter["dead_letter_topic"] == "${google_pubsub_topic.topics[each.value.dead_letter_topic].id}"
+    assert dead_letter["max_delivery_attempts"] == "${each.value.max_delivery_attempts}"
+    assert first(push, "retry_policy")["minimum_backoff"] and first(push, "retry_policy")["maximum_backoff"]
+    assert first(push, "expiration_policy")["ttl"] == ""
+
+    # The push endpoint has the path the local stack gives it, so the CloudEvent `source` names the topic.
+    config = first(push, "push_config")
+    base = "${local.push_functions[each.value.target].service_config[0].uri}"
+    assert config["push_endpoint"] == base + "/projects/${var.project_id}/topics/${each.value.topic}"
+    assert 'f"{base}/projects/{self.project_id}/topics/{sub.topic}"' in inspect.getsource(
+        devstack_stack.Stack.provision_pubsub)
+    oidc = first(config, "oidc_token")
+    assert oidc["service_account_email"] == "${google_service_account.push_invoker.email}"
+    assert oidc["audience"] == base
+
+    # Each push target is a deployed function whose entry point is that target.
+    targets = {s["target"] for s in topology_raw["push_subscriptions"]}
+    assert set(tf.locals["push_functions"]) == targets
+    for target, ref in tf.locals["push_functions"].items():
+        name = re.fullmatch(r"\$\{google_cloudfunctions2_function\.(\w+)\}", ref).group(1)
+        assert first(tf.resource("google_cloudfunctions2_function", name), "build_config")["entry_point"] == target
+
+
+def test_dead_letters_are_never_silently_lost(tf, topology_raw):
+    pulled = {s["topic"] for s in topology_raw["pull_subscriptions"]}
+    for sub in topology_raw["push_subscriptions"]:
+        assert sub["dead_letter_topic"] in topology_raw["topics"].values()
+        assert sub["dead_letter_topic"] in pulled, f"{sub['dead_letter_topic']} has no subscription"
+    dead = tf.resource("google_pubsub_subscription", "dead_letter")
+    assert dead["for_each"] == "${local.pull_subscriptions}"
+    assert dead["name"] == "${each.value.name}"
+    assert first(dead, "expiration_policy")["ttl"] == ""
+    # The Pub/Sub service agent may forward: publisher on each dead-letter topic, subscriber on each source.
+    publisher = tf.resource("google_pubsub_topic_iam_member", "dead_letter_publisher")
+    assert publisher["for_each"] == "${local.dead_letter_topics}" and publisher["role"] == "roles/pubsub.publisher"
+    assert "google_project_service_identity.pubsub.email" in publisher["member"]
+    subscriber = tf.resource("google_pubsub_subscription_iam_member", "dead_letter_source_subscriber")
+    assert subscriber["for_each"] == "${local.push_subscriptions}"
+    assert subscriber["role"] == "roles/pubsub.subscriber"
+    assert "google_project_service_identity.pubsub.email" in subscriber["member"]
+    # ...and someone hears about it.
+    alert = tf.resource("google_monitoring_alert_policy", "dead_letters")
+    assert alert["for_each"] == "${local.pull_subscriptions}"
+    assert "num_undelivered_messages" in first(alert, "conditions", "condition_threshold")["filter"]
+
+
+def test_ack_deadline_outlasts_the_longest_reply(tf, topology_raw):
+    (ai,) = [s for s in topology_raw["push_subscriptions"] if s["target"] == "ai_stream"]
+    assert tf.variables["ai_max_reply_seconds"].body["default"] < ai["ack_deadline_seconds"] <= 600
+    function = tf.resource("google_cloudfunctions2_function", "ai_stream")
+    assert first(function, "service_config")["timeout_seconds"] == \
+        '${local.push_by_target["ai_stream"].ack_deadline_seconds}'
+    (precondition,) = first(function, "lifecycle")["precondition"]
+    assert precondition["condition"] == \
+        '${var.ai_max_reply_seconds < local.push_by_target["ai_stream"].ack_deadline_seconds}'
+
+
+def test_uploads_bucket_name_and_notifications(tf, topology_raw):
+    assert tf.locals["uploads_bucket_name"] == "${var.project_id}-${local.topology.buckets.uploads}"
+    bucket = tf.resource("google_storage_bucket", "uploads")
+    assert bucket["name"] == "${local.uploads_bucket_name}"
+    assert bucket["uniform_bucket_level_access"] is True
+    assert bucket["public_access_prevention"] == "enforced"
+    rule = first(bucket, "lifecycle_rule")
+    assert first(rule, "action")["type"] == "AbortIncompleteMultipartUpload"
+    assert first(rule, "condition")["age"] == "${local.uploads_layout.incomplete_upload_max_age_days}"
+    assert tf.locals["uploads_layout"] == "${local.topology.uploads}"
+
+    notification = tf.resource("google_storage_notification", "uploads_finalized")
+    assert notification["event_types"] == ["OBJECT_FINALIZE"]
+    assert notification["payload_format"] == "JSON_API_V1"
+    assert notification["topic"] == "${google_pubsub_topic.topics[local.topology.topics.gcs_uploads].id}"
+    assert notification["object_name_prefix"] == "${local.uploads_layout.object_prefix}/"
+    # fake-gcs-server publishes to the same topic locally.
+    assert "topology.load().gcs_uploads_topic" in inspect.getsource(devstack_stack.Stack.start_emulators)
+    publisher = tf.resource("google_pubsub_topic_iam_member", "storage_agent_publisher")
+    assert publisher["topic"] == "${google_pubsub_topic.topics[local.topology.topics.gcs_uploads].name}"
+    assert "google_storage_project_service_account.gcs.email_address" in publisher["member"]
+
+
+def test_uploads_cors_matches_the_local_stack_and_the_signed_headers(tf):
+    cors = first(tf.resource("google_storage_bucket", "uploads"), "cors")
+    assert sorted(cors["method"]) == ["GET", "PUT"]
+    assert cors["origin"] == "${local.cors_origins}"
+    assert cors["response_header"] == "${local.uploads_cors_headers}"
+    terraform_headers = {h.lower() for h in tf.locals["uploads_cors_headers"]}
+    assert terraform_headers == set(devstack_stack.GCS_CORS_HEADERS.lower().split(","))
+    # Every header the browser must send with a signed PUT is allowed.
+    signed = set(re.findall(r'"((?:Content-Type|x-goog-[a-z-]+))":', inspect.getsource(signing.UrlSigner.upload)))
+    assert len(signed) == 3
+    assert {h.lower() for h in signed} <= terraform_headers
+
+
+def test_pending_upload_ttl_field_comes_from_the_topology(tf, topology_raw):
+    field = tf.resource("google_firestore_field", "pending_upload_ttl")
+    assert field["collection"] == "${local.uploads_layout.pending_collection}"
+    assert field["field"] == "${local.uploads_layout.pending_expiry_field}"
+    assert "ttl_config" in field
+    assert {"pending_collection", "pending_expiry_field"} <= set(topology_raw["uploads"])
+
