@@ -50,14 +50,12 @@ import base64
 import datetime as dt
 import json
 import os
-import platform
 import signal
 import subprocess
 import sys
 import threading
 import time
 import uuid
-from importlib.metadata import version
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -67,6 +65,7 @@ sys.path.insert(0, str(ROOT / "functions" / "ai_stream"))
 import psutil  # noqa: E402
 
 from bench import wsclient  # noqa: E402
+from bench.machine import CpuMeter, machine_info  # noqa: E402
 from chatcore import protocol  # noqa: E402
 from chatcore.auth import issue_token  # noqa: E402
 from chatcore.store import reply_id, user_message_id  # noqa: E402
@@ -115,62 +114,6 @@ def busiest_window(times: list[float], window: float = 1.0) -> int:
             lo += 1
         best = max(best, hi - lo + 1)
     return best
-
-
-class CpuMeter:
-    """CPU use of groups of pids over a phase, in % of one core; a negative pid includes descendants."""
-
-    def __init__(self, groups: dict[str, list[int]]):
-        self.groups = groups
-        self.start = {name: self._seconds(pids) for name, pids in groups.items()}
-        self.t0 = time.perf_counter()
-
-    @staticmethod
-    def _seconds(pids: list[int]) -> float:
-        total = 0.0
-        for pid in pids:
-            try:
-                proc = psutil.Process(abs(pid))
-                procs = [proc, *proc.children(recursive=True)] if pid < 0 else [proc]
-            except psutil.NoSuchProcess:
-                continue
-            for p in procs:
-                try:
-                    t = p.cpu_times()
-                    total += t.user + t.system
-                except psutil.NoSuchProcess:
-                    pass
-        return total
-
-    def percent(self) -> dict[str, float]:
-        wall = time.perf_counter() - self.t0
-        return {name: round(100 * (self._seconds(pids) - self.start[name]) / wall, 1)
-                for name, pids in self.groups.items()}
-
-
-def machine_info() -> dict:
-    model = ""
-    with open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    libs = {}
-    for name in ("python-socketio", "python-engineio", "aiohttp", "google-cloud-pubsub", "google-cloud-firestore",
-                 "grpcio", "functions-framework", "gunicorn"):
-        try:
-            libs[name] = version(name)
-        except Exception:
-            libs[name] = "?"
-    try:
-        out = subprocess.run(["gcloud", "version"], capture_output=True, text=True, timeout=60).stdout
-        libs.update({line.split()[0]: line.split()[1] for line in out.splitlines()
-                     if line.startswith(("pubsub-emulator", "cloud-firestore-emulator"))})
-    except Exception:
-        pass
-    return {"date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"), "nproc": os.cpu_count(),
-            "cpu_model": model, "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
-            "python": platform.python_version(), "kernel": platform.release(), "libraries": libs}
 
 
 def code_state() -> dict:

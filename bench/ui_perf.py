@@ -32,7 +32,6 @@ import asyncio
 import datetime as dt
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -47,6 +46,7 @@ import aiohttp
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.machine import machine_info  # noqa: E402
 from chatcore.auth import issue_token  # noqa: E402
 from chatcore.store import Message  # noqa: E402
 from devstack.processes import free_port  # noqa: E402
@@ -247,26 +247,13 @@ def load() -> list[float]:
     return out
 
 
-def machine_info(chromium: str) -> dict:
-    model = ""
-    with open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    mem_kib = 0
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemTotal:"):
-                mem_kib = int(line.split()[1])
+def chromium_info(chromium: str) -> dict:
     try:
         chromium_version = subprocess.run([chromium, "--version"], capture_output=True, text=True,
                                           timeout=30).stdout.strip()
     except Exception as exc:  # noqa: BLE001
         chromium_version = f"? ({exc})"
-    return {"date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"), "nproc": os.cpu_count(),
-            "cpu_model": model, "memory_gib": round(mem_kib / 2**20, 1), "python": platform.python_version(),
-            "kernel": platform.release(), "chromium": chromium_version, "playwright": version("playwright")}
+    return {"chromium": chromium_version, "playwright": version("playwright")}
 
 
 def seed(conversation_id: str, user: str, n: int) -> float:
@@ -470,7 +457,7 @@ def main() -> int:
         return 2
     stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
     out: dict = {"command": " ".join([".venv/bin/python", "bench/ui_perf.py", *sys.argv[1:]]),
-                 "machine": machine_info(args.chromium), "load_start": load(),
+                 "machine": machine_info(**chromium_info(args.chromium)), "load_start": load(),
                  "settings": {"CHUNK_INTERVAL_MS": args.chunk_ms, "OFFLINE_TOKEN_DELAY_MS": args.token_ms,
                               "viewport": "1200x800", "page_size": 50}}
     print(json.dumps(out["machine"]), "load", out["load_start"], flush=True)

@@ -30,7 +30,6 @@ import asyncio
 import datetime as dt
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -44,6 +43,7 @@ import aiohttp  # noqa: E402
 import psutil  # noqa: E402
 import socketio  # noqa: E402
 
+from bench.machine import machine_info  # noqa: E402
 from chatcore.auth import issue_token  # noqa: E402
 from devstack.processes import free_port  # noqa: E402
 from devstack.stack import Ports, Stack, check_prerequisites  # noqa: E402
@@ -163,7 +163,7 @@ async def run(args) -> dict:
                   log_dir=RESULTS / f"logs-upload-{stamp}", project_id="chat-bench")
     limit = str(max(args.sizes) * MB + MB)
     results: dict = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "sizes_mb": args.sizes,
-                     "repeat": args.repeat, "started": stamp, "machine": machine(), "runs": []}
+                     "repeat": args.repeat, "started": stamp, "machine": machine_info(), "runs": []}
     try:
         stack.start_emulators()
         os.environ.update(stack.emulator_env)
@@ -211,14 +211,6 @@ async def run(args) -> dict:
     finally:
         stack.stop()
     return results
-
-
-def machine() -> dict:
-    return {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(),
-            "cpu_model": next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                               if line.startswith("model name")), "unknown") if Path("/proc/cpuinfo").exists()
-            else "unknown",
-            "memory_gb": round(psutil.virtual_memory().total / 1024 ** 3, 1)}
 
 
 def summary(results: dict) -> str:

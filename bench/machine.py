@@ -1,0 +1,70 @@
+"""What every benchmark records about the machine, and CPU accounting of process groups."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import platform
+import time
+from importlib.metadata import PackageNotFoundError, version
+
+import psutil
+
+LIBRARIES = ("python-socketio", "python-engineio", "aiohttp", "google-cloud-pubsub", "google-cloud-firestore",
+             "google-cloud-storage", "grpcio", "functions-framework", "gunicorn", "playwright")
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"
+
+
+def machine_info(**extra) -> dict:
+    """Date, cores, CPU, memory, Python, kernel and the versions of the libraries that matter here."""
+    libraries = {}
+    for name in LIBRARIES:
+        try:
+            libraries[name] = version(name)
+        except PackageNotFoundError:
+            continue
+    return {"date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"), "nproc": os.cpu_count(),
+            "cpu_model": cpu_model(), "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
+            "python": platform.python_version(), "kernel": platform.release(), "libraries": libraries, **extra}
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User+system CPU seconds of these processes; a negative pid includes its descendants."""
+    total = 0.0
+    for pid in pids:
+        try:
+            proc = psutil.Process(abs(pid))
+            procs = [proc, *proc.children(recursive=True)] if pid < 0 else [proc]
+        except psutil.NoSuchProcess:
+            continue
+        for p in procs:
+            try:
+                t = p.cpu_times()
+                total += t.user + t.system
+            except psutil.NoSuchProcess:
+                pass
+    return total
+
+
+class CpuMeter:
+    """CPU use of groups of pids over a phase, in % of one core."""
+
+    def __init__(self, groups: dict[str, list[int]]):
+        self.groups = groups
+        self.start = {name: cpu_seconds(pids) for name, pids in groups.items()}
+        self.t0 = time.perf_counter()
+
+    def percent(self) -> dict[str, float]:
+        wall = time.perf_counter() - self.t0
+        return {name: round(100 * (cpu_seconds(pids) - self.start[name]) / wall, 1)
+                for name, pids in self.groups.items()}
