@@ -97,7 +97,8 @@ def main() -> None:
     print(json.dumps({
         "published": sent, "received_from_others": len(values), "received_own": own_count,
         "p50_ms": (percentile(values, 0.50) or 0) * 1000, "p99_ms": (percentile(values, 0.99) or 0) * 1000,
-        "max_ms": (values[-1] if values else 0) * 1000, "failures": failures}), flush=True)
+        "max_ms": (values[-1] if values else 0) * 1000, "failures": failures,
+        "latencies_ms": [round(v * 1000, 2) for v in others]}), flush=True)
 
 
 if __name__ == "__main__":

@@ -84,6 +84,21 @@ class AsyncGooglePubSubManager(AsyncPubSubManager):
     async def check(self) -> None:
         await asyncio.to_thread(self.transport.check)
 
+    async def emit(self, event, data, namespace=None, room=None, skip_sid=None, callback=None, to=None,
+                   **kwargs):
+        """As the base class, but an emit to one connection of this instance stays local.
+
+        ``connected``, ``joined_room`` and ``error`` go to the sending
+        connection only; publishing them would cost one bus message per
+        connection and per refusal for nothing.
+        """
+        room = to or room
+        namespace = namespace or "/"
+        if isinstance(room, str) and not kwargs.get("ignore_queue") and self.is_connected(room, namespace):
+            kwargs["ignore_queue"] = True
+        return await super().emit(event, data, namespace=namespace, room=room, skip_sid=skip_sid,
+                                  callback=callback, **kwargs)
+
     # -- custom cross-instance operation -------------------------------
     async def leave_room_members(self, member_room: str, room: str, namespace: str = "/") -> None:
         """Make every connection in ``member_room`` (e.g. ``user:<id>``) leave

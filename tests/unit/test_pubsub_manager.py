@@ -523,6 +523,18 @@ async def test_emitting_host_delivers_locally_at_once_and_skips_its_own_copy(bus
     assert deliveries(b.server) == [("e1", ["hello", {"n": 1}]), ("e1", ["barrier"])]
 
 
+async def test_emit_to_a_local_connection_never_touches_the_bus(bus):
+    b = bus(pack_window=0.0)
+    await b.start()
+    sid = await b.client("e1", "conv:1")
+    await b.mgr.emit("connected", {"ok": True}, to=sid)
+    await b.mgr.emit("error", {"code": "x"}, room=sid)
+    assert deliveries(b.server) == [("e1", ["connected", {"ok": True}]), ("e1", ["error", {"code": "x"}])]
+    await b.mgr.emit("elsewhere", None, room="sid-on-another-instance")
+    await eventually(lambda: b.pub.published, what="the publish of the remote emit")
+    assert [m["room"] for p in b.pub.published for m in p.messages] == ["sid-on-another-instance"]
+
+
 async def test_messages_from_other_hosts_reach_local_clients(bus):
     b = bus()
     await b.start()
