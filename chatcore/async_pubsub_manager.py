@@ -94,7 +94,9 @@ class AsyncGooglePubSubManager(AsyncPubSubManager):
         """
         room = to or room
         namespace = namespace or "/"
-        if isinstance(room, str) and not kwargs.get("ignore_queue") and self.is_connected(room, namespace):
+        # A connection still in its connect handler is "pre-connected": it is ours too.
+        if isinstance(room, str) and not kwargs.get("ignore_queue") and (
+                self.is_connected(room, namespace) or self.is_pre_connected(room, namespace)):
             kwargs["ignore_queue"] = True
         return await super().emit(event, data, namespace=namespace, room=room, skip_sid=skip_sid,
                                   callback=callback, **kwargs)

@@ -530,6 +530,9 @@ async def test_emit_to_a_local_connection_never_touches_the_bus(bus):
     await b.mgr.emit("connected", {"ok": True}, to=sid)
     await b.mgr.emit("error", {"code": "x"}, room=sid)
     assert deliveries(b.server) == [("e1", ["connected", {"ok": True}]), ("e1", ["error", {"code": "x"}])]
+    pending = await b.mgr.pre_connect("e2", "/")  # still in its connect handler
+    await b.mgr.emit("connected", {"ok": True}, to=pending)
+    assert deliveries(b.server)[-1] == ("e2", ["connected", {"ok": True}])
     await b.mgr.emit("elsewhere", None, room="sid-on-another-instance")
     await eventually(lambda: b.pub.published, what="the publish of the remote emit")
     assert [m["room"] for p in b.pub.published for m in p.messages] == ["sid-on-another-instance"]
