@@ -59,6 +59,7 @@ import aiohttp  # noqa: E402
 import psutil  # noqa: E402
 
 from bench import wsclient  # noqa: E402
+from bench.machine import cpu_seconds  # noqa: E402
 from chatcore.auth import issue_token  # noqa: E402
 from devstack.processes import Managed, free_port, http_ok  # noqa: E402
 from devstack.stack import Ports, Stack, check_prerequisites  # noqa: E402
@@ -90,31 +91,14 @@ class CpuMeter:
     def __init__(self, groups: dict[str, list[int]]):
         # "ours": this process and everything it started, to tell other people's load apart.
         self.groups = {**groups, "ours": [-os.getpid()]}
-        self.start = {name: self._seconds(pids) for name, pids in self.groups.items()}
+        self.start = {name: cpu_seconds(pids) for name, pids in self.groups.items()}
         self.cores = psutil.cpu_times(percpu=True)
         self.t0 = time.perf_counter()
-
-    @staticmethod
-    def _seconds(pids: list[int]) -> float:
-        total = 0.0
-        for pid in pids:
-            try:
-                proc = psutil.Process(abs(pid))
-                procs = [proc, *proc.children(recursive=True)] if pid < 0 else [proc]
-            except psutil.NoSuchProcess:
-                continue
-            for p in procs:
-                try:
-                    t = p.cpu_times()
-                    total += t.user + t.system
-                except psutil.NoSuchProcess:
-                    pass
-        return total
 
     def percent(self) -> dict[str, float]:
         """Each group's use, and each core's total use (``core<n>``) whoever used it."""
         wall = time.perf_counter() - self.t0
-        out = {name: round(100 * (self._seconds(pids) - self.start[name]) / wall, 1)
+        out = {name: round(100 * (cpu_seconds(pids) - self.start[name]) / wall, 1)
                for name, pids in self.groups.items()}
         busy = 0.0
         for n, (before, after) in enumerate(zip(self.cores, psutil.cpu_times(percpu=True), strict=True)):
