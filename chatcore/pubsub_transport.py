@@ -28,6 +28,8 @@ from typing import Any
 
 from google.api_core import exceptions as gexc
 from google.cloud import pubsub_v1
+from google.cloud.pubsub_v1.publisher import exceptions as publisher_exceptions
+from google.cloud.pubsub_v1.publisher._batch.base import BatchCancellationReason
 
 from .topology import InstanceSubscription
 
@@ -124,7 +126,10 @@ class PubSubTransport:
         self._failed_keys: set[str] = set()
         self.subscription_path: str | None = None
         self._streaming = None
+        # The root cause of the latest failed publish, and how many bus
+        # messages were lost in all (root causes and their knock-on effects).
         self.last_publish_error: BaseException | None = None
+        self.failed_publishes = 0
 
     # -- clients -------------------------------------------------------
     @property
@@ -185,15 +190,24 @@ class PubSubTransport:
         try:
             error = future.exception()
             if error is not None:
-                self.last_publish_error = error
-                logger.error("room bus publish failed (ordering key %r): %s", key, error)
-                if key:
-                    self._failed_keys.add(key)
+                self._record_failure(error, key)
         finally:
             with self._lock:
                 self._pending.discard(future)
                 if not self._pending:
                     self._pending_empty.notify_all()
+
+    def _record_failure(self, error: BaseException, key: str) -> None:
+        self.failed_publishes += 1
+        if key:
+            self._failed_keys.add(key)
+        if is_knock_on_failure(error):
+            # Cancelled or refused only because an earlier message of the room
+            # failed; that root cause was already logged and recorded.
+            logger.debug("room bus publish dropped after an earlier failure (ordering key %r)", key)
+            return
+        self.last_publish_error = error
+        logger.error("room bus publish failed (ordering key %r): %s", key, error)
 
     def flush(self, timeout: float = 10.0) -> bool:
         """Wait until everything published so far is acknowledged by Pub/Sub."""
@@ -281,6 +295,13 @@ class PubSubTransport:
         self.stop_pull()
         self.flush()
         self.delete_subscription()
+
+
+def is_knock_on_failure(error: BaseException) -> bool:
+    """True for a publish that failed only because an earlier one with the same
+    ordering key did (the client pauses the key and cancels what is queued)."""
+    return isinstance(error, publisher_exceptions.PublishToPausedOrderingKeyException) or (
+        isinstance(error, RuntimeError) and str(error) == BatchCancellationReason.PRIOR_ORDERED_MESSAGE_FAILED.value)
 
 
 def new_host_id() -> str:

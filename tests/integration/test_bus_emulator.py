@@ -377,7 +377,9 @@ async def test_failed_publish_neither_deadlocks_nor_blocks_the_room(stack, admin
     # Several batches of one ordering key in flight fail together; this used to
     # deadlock the publisher client (and the event loop publishing through it).
     assert await in_daemon_thread(publish_to_missing_topic, 60) is True
+    # The root cause is what is recorded, not the knock-on cancellations.
     assert isinstance(transport.last_publish_error, gexc.NotFound)
+    assert transport.failed_publishes == 300
 
     topic_path = publisher.topic_path(stack.project_id, name)
     publisher.create_topic(name=topic_path)
