@@ -6,8 +6,10 @@ each message a typical packed ``ai_response_chunk`` emit, and report this proces
 (all threads, ``time.process_time``) per message and the publish latency (call -> acknowledged):
 
 - ``transport``: ``chatcore.pubsub_transport.PubSubTransport`` as the write-only manager uses it
-  (google-cloud-pubsub's threaded ``PublisherClient``, ordering on, 1 ms batching), called from
-  an asyncio loop as the generator does;
+  (``chatcore.publisher.Publisher``: one RPC in flight per key, long-lived sender threads), called
+  from an asyncio loop as the generator does;
+- ``google_client``: the same transport on google-cloud-pubsub's threaded ``PublisherClient``
+  (ordering on, 1 ms batching), which the managers used before;
 - ``async_gapic``: the generated asyncio client (``pubsub_v1.PublisherAsyncClient``), one
   ``Publish`` call per message on the same loop, each room's calls chained so its order holds.
 """
@@ -45,8 +47,16 @@ async def paced(rate: float, seconds: float, keys: int, send) -> int:
     return total
 
 
-async def run_transport(args, topic: str) -> dict:
-    transport = PubSubTransport(args.project, topic, host_id=new_host_id())
+def google_client():
+    """google-cloud-pubsub's threaded client, configured as the managers used it before chatcore.publisher."""
+    from google.cloud import pubsub_v1
+    return pubsub_v1.PublisherClient(
+        batch_settings=pubsub_v1.types.BatchSettings(max_latency=0.001, max_messages=500),
+        publisher_options=pubsub_v1.types.PublisherOptions(enable_message_ordering=True))
+
+
+async def run_transport(args, topic: str, publisher=None) -> dict:
+    transport = PubSubTransport(args.project, topic, host_id=new_host_id(), publisher=publisher)
     client = transport.publisher  # created before the clock starts, with the function's settings
     latencies: list[float] = []
     real_publish = client.publish
@@ -131,6 +141,7 @@ async def main() -> None:
     rounds = []
     for _ in range(2):
         rounds.append({"transport": await run_transport(args, args.topic),
+                       "google_client": await run_transport(args, args.topic, google_client()),
                        "async_gapic": await run_async_gapic(args, topic)})
     out = {"rate": args.rate, "keys": args.keys, **rounds[-1], "first_round": rounds[0]}
     print(json.dumps(out), flush=True)

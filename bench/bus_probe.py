@@ -51,7 +51,7 @@ def main() -> None:
     template = topology.load().instance_subscription
     transport = PubSubTransport(args.project, args.topic, host_id=host_id, subscription=template)
     try:
-        transport.publisher.create_topic(name=transport.topic_path)
+        transport.publisher.client.create_topic(name=transport.topic_path)
     except gexc.AlreadyExists:
         pass
     transport.create_subscription()

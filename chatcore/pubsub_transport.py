@@ -28,9 +28,8 @@ from typing import Any
 
 from google.api_core import exceptions as gexc
 from google.cloud import pubsub_v1
-from google.cloud.pubsub_v1.publisher import exceptions as publisher_exceptions
-from google.cloud.pubsub_v1.publisher._batch.base import BatchCancellationReason
 
+from .publisher import Publisher
 from .topology import InstanceSubscription
 
 logger = logging.getLogger(__name__)
@@ -107,7 +106,7 @@ class PubSubTransport:
 
     def __init__(self, project_id: str, topic: str, *, host_id: str,
                  subscription: InstanceSubscription | None = None,
-                 publisher: pubsub_v1.PublisherClient | None = None,
+                 publisher: Publisher | None = None,
                  subscriber: pubsub_v1.SubscriberClient | None = None,
                  dumps: Callable[[Any], str] = json.dumps, loads: Callable[[str], Any] = json.loads,
                  max_messages_outstanding: int = 1000):
@@ -123,22 +122,17 @@ class PubSubTransport:
         self._lock = threading.Lock()
         self._pending: set = set()
         self._pending_empty = threading.Condition(self._lock)
-        self._failed_keys: set[str] = set()
         self.subscription_path: str | None = None
         self._streaming = None
-        # The root cause of the latest failed publish, and how many bus
-        # messages were lost in all (root causes and their knock-on effects).
+        # The latest publish error, and how many bus messages were lost in all.
         self.last_publish_error: BaseException | None = None
         self.failed_publishes = 0
 
     # -- clients -------------------------------------------------------
     @property
-    def publisher(self) -> pubsub_v1.PublisherClient:
+    def publisher(self) -> Publisher:
         if self._publisher is None:
-            self._publisher = pubsub_v1.PublisherClient(
-                batch_settings=pubsub_v1.types.BatchSettings(max_latency=0.001, max_messages=500),
-                publisher_options=pubsub_v1.types.PublisherOptions(enable_message_ordering=True),
-            )
+            self._publisher = Publisher()
         return self._publisher
 
     @property
@@ -158,7 +152,6 @@ class PubSubTransport:
         for message in messages:
             by_key.setdefault(ordering_key(message), []).append(message)
         for key, group in by_key.items():
-            self._resume_if_failed(key)
             for payload in pack(group, self.dumps):
                 try:
                     future = self.publisher.publish(self.topic_path, payload, ordering_key=key,
@@ -170,21 +163,6 @@ class PubSubTransport:
                 with self._lock:
                     self._pending.add(future)
                 future.add_done_callback(lambda f, k=key: self._published(f, k))
-
-    def _resume_if_failed(self, key: str) -> None:
-        # An ordered key pauses after a failure until resumed, or every later
-        # emit to the room would fail too. The resume happens here, on the
-        # publishing thread, and not in the failed future's callback: that
-        # callback runs while the client's sequencer holds its own lock, and
-        # resume_publish takes the client's batch lock, so calling it there
-        # deadlocks the publisher (and the event loop that publishes).
-        if key not in self._failed_keys:
-            return
-        self._failed_keys.discard(key)
-        try:
-            self.publisher.resume_publish(self.topic_path, key)
-        except (RuntimeError, ValueError):  # not paused (any more), or stopped
-            pass
 
     def _published(self, future, key: str) -> None:
         try:
@@ -198,14 +176,9 @@ class PubSubTransport:
                     self._pending_empty.notify_all()
 
     def _record_failure(self, error: BaseException, key: str) -> None:
+        # The room's later messages still go out (in order); this one is lost.
+        # The bus is real-time: a late retry would be worse than a reported loss.
         self.failed_publishes += 1
-        if key:
-            self._failed_keys.add(key)
-        if is_knock_on_failure(error):
-            # Cancelled or refused only because an earlier message of the room
-            # failed; that root cause was already logged and recorded.
-            logger.debug("room bus publish dropped after an earlier failure (ordering key %r)", key)
-            return
         self.last_publish_error = error
         logger.error("room bus publish failed (ordering key %r): %s", key, error)
 
@@ -295,13 +268,6 @@ class PubSubTransport:
         self.stop_pull()
         self.flush()
         self.delete_subscription()
-
-
-def is_knock_on_failure(error: BaseException) -> bool:
-    """True for a publish that failed only because an earlier one with the same
-    ordering key did (the client pauses the key and cancels what is queued)."""
-    return isinstance(error, publisher_exceptions.PublishToPausedOrderingKeyException) or (
-        isinstance(error, RuntimeError) and str(error) == BatchCancellationReason.PRIOR_ORDERED_MESSAGE_FAILED.value)
 
 
 def new_host_id() -> str:

@@ -16,12 +16,13 @@ from datetime import timedelta
 
 import socketio
 from aiohttp import web
-from google.cloud import firestore, pubsub_v1, storage
+from google.cloud import firestore, storage
 
 from chatcore import protocol, topology
 from chatcore.ai_requests import AiRequest
 from chatcore.async_pubsub_manager import AsyncGooglePubSubManager
 from chatcore.auth import TokenVerifier
+from chatcore.publisher import Publisher
 from chatcore.replies import ABANDONED, ReplyStore
 from chatcore.signing import UrlSigner
 from chatcore.store import ChatStore
@@ -41,7 +42,7 @@ class AiRequestPublisher:
     marked failed and the room is told, so nobody waits for it forever.
     """
 
-    def __init__(self, publisher: pubsub_v1.PublisherClient, project_id: str, topic: str,
+    def __init__(self, publisher: Publisher, project_id: str, topic: str,
                  store: ChatStore, sio: socketio.AsyncServer):
         self.publisher = publisher
         self.topic_path = f"projects/{project_id}/topics/{topic}"

@@ -3,7 +3,8 @@
 Modelled on python-socketio's own manager tests (a mocked server whose
 ``_send_eio_packet`` records what local clients receive), but the fakes sit
 where Google's client library would: ``FakePublisher`` stands for
-``pubsub_v1.PublisherClient`` (publish futures, resume_publish) and
+``chatcore.publisher.Publisher`` (publish futures, as google-cloud-pubsub's
+``PublisherClient``) and
 ``FakeSubscriber`` for ``pubsub_v1.SubscriberClient`` (subscription admin and a
 streaming pull whose callback is called on another thread, like the real one).
 """
@@ -71,8 +72,7 @@ class FakePublisher:
 
     def __init__(self):
         self.published: list[Published] = []
-        self.resumed: list[tuple[str, str]] = []
-        self.calls: list[tuple] = []  # publish and resume_publish, interleaved, in call order
+        self.calls: list[tuple] = []  # every publish attempt, in call order
         self.topic_requests: list[dict] = []
         self.hold = False
         self.fail_with: BaseException | None = None
@@ -90,10 +90,6 @@ class FakePublisher:
         elif not self.hold:
             future.set_result(str(len(self.published)))
         return future
-
-    def resume_publish(self, topic, ordering_key):
-        self.calls.append(("resume", ordering_key))
-        self.resumed.append((topic, ordering_key))
 
     def get_topic(self, request, timeout=None):
         self.topic_requests.append(request)
@@ -652,51 +648,22 @@ async def test_leave_room_members_from_the_bus(bus):
 
 
 # -- publish failures ------------------------------------------------------------------------
-async def test_publish_failure_records_the_error_and_resumes_the_key(bus):
+async def test_publish_failure_records_the_error_and_the_room_goes_on(bus):
     b = bus(pack_window=0.001)
     error = gexc.ServiceUnavailable("bus down")
     b.pub.fail_with = error
     await b.mgr.emit("e", 1, room="conv:1")
-    await b.mgr.emit("e", 2)  # no room: the unordered key needs no resume
+    await b.mgr.emit("e", 2)
     await eventually(lambda: len(b.pub.published) == 2, what="the failed publishes")
     assert b.mgr.transport.last_publish_error is error
+    assert b.mgr.transport.failed_publishes == 2
     assert b.mgr.transport.flush(timeout=1) is True, "a failed publish is no longer pending"
     b.pub.fail_with = None
     await b.mgr.emit("e", 3, room="conv:1")
     await b.mgr.emit("e", 4)
     await eventually(lambda: len(b.pub.published) == 4, what="the next publishes")
-    assert b.pub.resumed == [(TOPIC_PATH, "conv:1")]
-    calls = b.pub.calls
-    assert calls.index(("resume", "conv:1")) == calls.index(("publish", "conv:1"), 1) - 1, \
-        "the key is resumed just before its next publish"
     assert b.pub.published[2].messages[0]["data"] == [3]
-
-
-def test_publish_failure_is_resumed_once_even_if_many_messages_failed():
-    pub = FakePublisher()
-    pub.hold = True
-    transport = PubSubTransport(PROJECT, TOPIC, host_id="h", publisher=pub)
-    for i in range(3):
-        transport.publish([{"method": "emit", "room": "r", "data": [i]}])
-    for p in pub.published:  # a batch of three in flight fails as a whole
-        p.future.set_exception(gexc.NotFound("no topic"))
-    assert transport.flush(timeout=1) is True
-    pub.hold = False
-    transport.publish([{"method": "emit", "room": "r", "data": [3]}])
-    transport.publish([{"method": "emit", "room": "r", "data": [4]}])
-    assert pub.resumed == [(TOPIC_PATH, "r")]
-
-
-def test_resume_of_a_key_that_is_not_paused_is_harmless():
-    pub = FakePublisher()
-    pub.resume_publish = mock.MagicMock(side_effect=RuntimeError("Ordering key is not paused."))
-    transport = PubSubTransport(PROJECT, TOPIC, host_id="h", publisher=pub)
-    pub.fail_with = gexc.NotFound("no topic")
-    transport.publish([{"method": "emit", "room": "r"}])
-    pub.fail_with = None
-    transport.publish([{"method": "emit", "room": "r", "n": 2}])
-    pub.resume_publish.assert_called_once_with(TOPIC_PATH, "r")
-    assert pub.published[-1].messages == [{"method": "emit", "room": "r", "n": 2}]
+    assert b.mgr.transport.failed_publishes == 2
 
 
 async def test_a_publish_refused_by_the_client_does_not_stop_other_rooms(bus):

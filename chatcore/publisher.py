@@ -1,0 +1,188 @@
+"""Pub/Sub publishing with no thread per message.
+
+google-cloud-pubsub's ``PublisherClient.publish`` keeps one batch per ordering
+key and starts a commit thread (and a timer thread) for every batch. The room
+bus uses one ordering key per room, so at chat rates every message is its own
+batch: 1.3-2.9 ms of CPU per message on this kind of machine
+(docs/PERFORMANCE.md), which capped how fast a process could emit. gRPC's own
+future-based calls are cheaper but start a channel thread whenever no other
+call is in flight, which at chat rates is again once per message.
+
+``Publisher`` keeps the same call (``publish(topic, data, ordering_key="",
+**attributes)`` returns a ``concurrent.futures.Future`` of the message id) and
+does the batching itself:
+
+- per (topic, ordering key), at most one ``Publish`` RPC is in flight, which
+  is what keeps a key's messages in order (Pub/Sub also requires every message
+  of one request to share its ordering key);
+- whatever is published to a key while its RPC is in flight goes out together
+  in the next RPC, so batching grows with load and costs no wait when idle;
+- the RPCs are blocking calls made by a small pool of long-lived sender
+  threads (at most ``max_in_flight``, started on demand, leaving after a minute
+  idle), on the gRPC channel of a ``PublisherClient``, so the emulator host
+  and credentials are configured exactly as for it;
+- transient errors are retried with backoff until ``retry_deadline``; after
+  that, or on a permanent error (e.g. the topic does not exist), the batch's
+  futures fail with the matching ``google.api_core`` exception and the key's
+  next messages still go out. There is no paused state to resume.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future
+from urllib.parse import quote
+
+import grpc
+from google.api_core import exceptions as gexc
+from google.pubsub_v1 import types as pubsub_types
+
+PUBLISH_METHOD = "/google.pubsub.v1.Publisher/Publish"
+_REQUEST = pubsub_types.PublishRequest.pb()
+_RESPONSE = pubsub_types.PublishResponse.pb()
+_MESSAGE = pubsub_types.PubsubMessage.pb()
+
+# The codes google-cloud-pubsub's own publisher retries.
+RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
+                       grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.ABORTED,
+                       grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN})
+# Pub/Sub limits one request to 1,000 messages and 10 MB.
+MAX_BATCH_MESSAGES = 1000
+MAX_BATCH_BYTES = 9_000_000
+
+
+class _Queue:
+    """Messages of one (topic, ordering key) waiting for the key's RPC slot."""
+
+    __slots__ = ("waiting", "busy")
+
+    def __init__(self):
+        self.waiting: deque = deque()
+        self.busy = False  # an RPC of this key is in flight, or the key is in the ready queue
+
+
+class Publisher:
+    def __init__(self, client=None, *, channel: grpc.Channel | None = None, max_in_flight: int = 16,
+                 rpc_timeout: float = 60.0, retry_deadline: float = 60.0, initial_backoff: float = 0.1,
+                 max_backoff: float = 5.0, idle_worker_seconds: float = 60.0):
+        self._client = client
+        self._channel = channel
+        self.max_in_flight = max_in_flight
+        self.rpc_timeout = rpc_timeout
+        self.retry_deadline = retry_deadline
+        self.initial_backoff = initial_backoff
+        self.max_backoff = max_backoff
+        self.idle_worker_seconds = idle_worker_seconds
+        self._cond = threading.Condition()
+        self._queues: dict[tuple[str, str], _Queue] = {}
+        self._ready: deque = deque()  # keys with waiting messages and no RPC in flight
+        self._workers = 0
+        self._idle = 0  # workers waiting for work and not yet woken
+        self._stub = None
+        self._stub_lock = threading.Lock()
+
+    @property
+    def client(self):
+        """google-cloud-pubsub's client: its channel carries our RPCs; admin calls go through it."""
+        if self._client is None:
+            from google.cloud import pubsub_v1
+            self._client = pubsub_v1.PublisherClient()
+        return self._client
+
+    def _publish_stub(self):
+        with self._stub_lock:
+            if self._stub is None:
+                channel = self._channel or self.client.transport.grpc_channel
+                self._stub = channel.unary_unary(PUBLISH_METHOD, request_serializer=_REQUEST.SerializeToString,
+                                                 response_deserializer=_RESPONSE.FromString)
+            return self._stub
+
+    def get_topic(self, request, timeout=None):
+        return self.client.get_topic(request=request, timeout=timeout)
+
+    # -- publishing ----------------------------------------------------
+    def publish(self, topic: str, data: bytes, ordering_key: str = "", **attributes: str) -> Future:
+        if not isinstance(data, bytes):
+            raise TypeError("data must be bytes")
+        future: Future = Future()
+        key = (topic, ordering_key)
+        with self._cond:
+            queue = self._queues.get(key)
+            if queue is None:
+                queue = self._queues[key] = _Queue()
+            queue.waiting.append((data, attributes, future))
+            if not queue.busy:  # otherwise it goes out with the key's next RPC
+                queue.busy = True
+                self._make_ready(key)
+        return future
+
+    def _make_ready(self, key) -> None:
+        # Called with the lock held.
+        self._ready.append(key)
+        if self._idle:
+            self._idle -= 1
+            self._cond.notify()
+        elif self._workers < self.max_in_flight:
+            self._workers += 1
+            threading.Thread(target=self._work, name="pubsub-publisher", daemon=True).start()
+        # else: a busy worker takes it when it is done with its current RPC
+
+    def _work(self) -> None:
+        while True:
+            with self._cond:
+                while not self._ready:
+                    self._idle += 1
+                    if not self._cond.wait(self.idle_worker_seconds) and not self._ready:
+                        self._idle -= 1
+                        self._workers -= 1
+                        return
+                key = self._ready.popleft()
+                batch = self._take(self._queues[key])
+            message_ids, error = self._send(key, batch)
+            with self._cond:
+                queue = self._queues[key]
+                if queue.waiting:
+                    self._make_ready(key)
+                else:
+                    queue.busy = False
+                    del self._queues[key]  # one entry per room would otherwise pile up
+            for i, (_, _, future) in enumerate(batch):
+                if error is not None:
+                    future.set_exception(error)
+                else:
+                    future.set_result(message_ids[i] if i < len(message_ids) else "")
+
+    @staticmethod
+    def _take(queue: _Queue) -> list:
+        batch, size = [], 0
+        while queue.waiting and len(batch) < MAX_BATCH_MESSAGES:
+            item_size = len(queue.waiting[0][0])
+            if batch and size + item_size > MAX_BATCH_BYTES:
+                break
+            batch.append(queue.waiting.popleft())
+            size += item_size
+        return batch
+
+    def _send(self, key: tuple[str, str], batch: list) -> tuple[list[str], BaseException | None]:
+        """One batch, retried while the error is transient: ``(message_ids, error)``."""
+        topic, ordering_key = key
+        request = _REQUEST(topic=topic, messages=[
+            _MESSAGE(data=data, ordering_key=ordering_key, attributes=attributes) for data, attributes, _ in batch])
+        metadata = (("x-goog-request-params", f"topic={quote(topic, safe='')}"),)
+        deadline = time.monotonic() + self.retry_deadline
+        attempt = 0
+        while True:
+            try:
+                response = self._publish_stub()(request, timeout=self.rpc_timeout, metadata=metadata)
+                return list(response.message_ids), None
+            except grpc.RpcError as exc:
+                delay = min(self.max_backoff, self.initial_backoff * 2 ** attempt) * (0.5 + random.random() / 2)
+                if exc.code() not in RETRYABLE or time.monotonic() + delay >= deadline:
+                    return [], gexc.from_grpc_error(exc)
+            except Exception as exc:  # e.g. the channel was closed
+                return [], exc
+            time.sleep(delay)
+            attempt += 1

@@ -1,0 +1,119 @@
+"""chatcore.publisher against a local gRPC server speaking Pub/Sub's Publish RPC."""
+
+from __future__ import annotations
+
+import time
+
+import grpc
+import pytest
+from google.api_core import exceptions as gexc
+
+from chatcore.publisher import Publisher
+from tests.fakes.pubsub_publish_server import FakePublishServer
+
+TOPIC = "projects/p/topics/chat-events"
+
+
+@pytest.fixture
+def server():
+    fake = FakePublishServer().start()
+    yield fake
+    fake.stop()
+
+
+@pytest.fixture
+def publisher(server):
+    channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
+    yield Publisher(channel=channel, initial_backoff=0.01, max_backoff=0.05)
+    channel.close()
+
+
+def wait_for(predicate, timeout=5.0):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.005)
+
+
+def test_a_message_goes_out_with_its_key_attributes_and_routing_header(server, publisher):
+    future = publisher.publish(TOPIC, b"hello", ordering_key="conv:1", origin="host-a")
+    assert future.result(timeout=5) == "1"
+    [request] = server.requests
+    assert request.topic == TOPIC
+    [message] = request.messages
+    assert (message.data, message.ordering_key, dict(message.attributes)) == (b"hello", "conv:1",
+                                                                              {"origin": "host-a"})
+    assert request.metadata["x-goog-request-params"] == "topic=projects%2Fp%2Ftopics%2Fchat-events"
+    wait_for(lambda: not publisher._queues)  # an idle key leaves nothing behind
+
+
+def test_one_rpc_in_flight_per_key_and_what_queues_behind_it_goes_in_the_next(server, publisher):
+    server.hold_key = "conv:a"
+    first = publisher.publish(TOPIC, b"a0", ordering_key="conv:a")
+    wait_for(lambda: len(server.requests) == 1)
+    queued = [publisher.publish(TOPIC, f"a{i}".encode(), ordering_key="conv:a") for i in range(1, 50)]
+    other = publisher.publish(TOPIC, b"b0", ordering_key="conv:b")
+    assert other.result(timeout=5), "another key is not held back"
+    assert len(server.requests) == 2 and not first.done()
+    server.release.set()
+    assert [f.result(timeout=5) for f in [first, *queued]]
+    a_requests = [r for r in server.requests if r.keys == {"conv:a"}]
+    assert [r.data for r in a_requests] == [[b"a0"], [f"a{i}".encode() for i in range(1, 50)]]
+
+
+def test_transient_errors_are_retried_in_order(server, publisher):
+    server.failures = [grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED]
+    first = publisher.publish(TOPIC, b"1", ordering_key="k")
+    wait_for(lambda: server.requests)
+    second = publisher.publish(TOPIC, b"2", ordering_key="k")
+    assert first.result(timeout=5) and second.result(timeout=5)
+    sent = [m.data for r in server.requests for m in r.messages]
+    assert sent == [b"1", b"1", b"1", b"2"], "the key waits while its first message is retried"
+
+
+def test_a_permanent_error_fails_the_batch_and_the_key_goes_on(server, publisher):
+    server.failures = [grpc.StatusCode.NOT_FOUND]
+    failed = publisher.publish(TOPIC, b"lost", ordering_key="k")
+    with pytest.raises(gexc.NotFound):
+        failed.result(timeout=5)
+    assert publisher.publish(TOPIC, b"next", ordering_key="k").result(timeout=5)
+    assert [r.data for r in server.requests] == [[b"lost"], [b"next"]]
+
+
+def test_retries_stop_at_the_deadline(server):
+    server.fail_always = grpc.StatusCode.UNAVAILABLE
+    channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
+    publisher = Publisher(channel=channel, retry_deadline=0.3, initial_backoff=0.02, max_backoff=0.05)
+    started = time.monotonic()
+    with pytest.raises(gexc.ServiceUnavailable):
+        publisher.publish(TOPIC, b"x", ordering_key="k").result(timeout=5)
+    assert 0.2 < time.monotonic() - started < 3
+    assert len(server.requests) >= 3
+    channel.close()
+
+
+def test_an_unreachable_server_fails_the_future_instead_of_hanging():
+    channel = grpc.insecure_channel("127.0.0.1:1")
+    publisher = Publisher(channel=channel, retry_deadline=0.3, rpc_timeout=0.5, initial_backoff=0.02)
+    with pytest.raises(gexc.GoogleAPICallError):
+        publisher.publish(TOPIC, b"x").result(timeout=10)
+    channel.close()
+
+
+def test_sender_threads_are_bounded_and_leave_when_idle(server):
+    channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
+    publisher = Publisher(channel=channel, max_in_flight=3, idle_worker_seconds=0.2)
+    server.hold_key = "held"
+    held = [publisher.publish(TOPIC, b"x", ordering_key="held")]
+    futures = [publisher.publish(TOPIC, f"{i}".encode(), ordering_key=f"k{i}") for i in range(20)]
+    assert publisher._workers <= 3
+    server.release.set()
+    assert all(f.result(timeout=5) for f in held + futures)
+    wait_for(lambda: publisher._workers == 0, timeout=5)
+    assert publisher.publish(TOPIC, b"again", ordering_key="k").result(timeout=5), "a new worker starts"
+    channel.close()
+
+
+def test_data_must_be_bytes(publisher):
+    with pytest.raises(TypeError):
+        publisher.publish(TOPIC, "text")
