@@ -50,3 +50,16 @@ def test_empty_pieces_are_ignored():
     c = ChunkCoalescer(0.1, 5, Clock())
     c.add("")
     assert not c.pending and c.seconds_until_due() is None
+
+
+def test_the_interval_also_holds_for_the_last_chunk_and_the_closing_event():
+    clock = Clock()
+    c = ChunkCoalescer(0.1, 1000, clock)
+    assert c.seconds_until_interval() == 0, "nothing sent yet: no wait"
+    c.add("a")
+    c.take()
+    c.sent()
+    clock.now += 0.03
+    assert abs(c.seconds_until_interval() - 0.07) < 1e-9
+    clock.now += 0.2
+    assert c.seconds_until_interval() == 0

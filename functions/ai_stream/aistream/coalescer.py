@@ -3,8 +3,9 @@
 The first text is flushed at once (a fast first chunk); after that a chunk is
 due when ``interval`` seconds passed since the previous chunk was *sent*
 (``sent()``, after it was stored and emitted, so a slow store cannot make the
-next chunk follow at once), or earlier when ``max_chars`` are waiting. With the default 100 ms that is at most about ten
-bus messages per second per reply, whatever the model's speed.
+next chunk follow at once), or earlier when ``max_chars`` are waiting. With the default 100 ms that is at most ten
+bus messages in any second per reply, whatever the model's speed: the last
+chunk and the closing event also wait for ``seconds_until_interval()``.
 """
 
 from __future__ import annotations
@@ -36,6 +37,12 @@ class ChunkCoalescer:
         if not self._size:
             return None
         if self._last_flush is None or self._size >= self.max_chars:
+            return 0.0
+        return max(0.0, self._last_flush + self.interval - self.clock())
+
+    def seconds_until_interval(self) -> float:
+        """How long until a full interval has passed since the last chunk went out (0 if none has)."""
+        if self._last_flush is None:
             return 0.0
         return max(0.0, self._last_flush + self.interval - self.clock())
 

@@ -110,6 +110,7 @@ class _ReplyRun:
             error = {"code": "internal", "message": "the reply failed; please retry"}
         if self.gone:
             return await self._discard()
+        await self._paced()  # the closing event is a bus message of this reply too
         try:
             final = await self.gen.replies.finish(self.reply, status, self.progress.content, self.progress.seq,
                                                   error)
@@ -248,7 +249,14 @@ class _ReplyRun:
 
     async def _flush_rest(self) -> None:
         if self.coalescer.pending:
+            await self._paced()
             await self._flush()
+
+    async def _paced(self) -> None:
+        """Keep the chunk interval before the last chunk and the closing event too."""
+        wait = self.coalescer.seconds_until_interval()
+        if wait > 0:
+            await asyncio.sleep(wait)
 
     async def _watch(self, stop: asyncio.Event) -> None:
         """Checkpoint about once per interval and notice stop requests."""
