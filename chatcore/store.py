@@ -295,10 +295,15 @@ class ChatStore:
         return await self.get_conversation(conversation_id)
 
     # -- messages ------------------------------------------------------
-    async def post_user_message(self, conv: Conversation, user_id: str, username: str, content: str,
+    async def post_user_message(self, conversation_id: str, user_id: str, username: str, content: str,
                                 client_message_id: str | None, quota: QuotaPolicy | None = None
                                 ) -> tuple[Message, Message, bool]:
         """Store a user message and its pending assistant reply in one transaction.
+
+        The transaction also checks that ``user_id`` is a participant (so a
+        message cannot land in a conversation deleted or left meanwhile), and
+        reads the conversation, the retried message and the quota document in
+        a single batch: begin, one read, commit.
 
         Returns ``(user_message, reply, created)``. With a ``client_message_id``
         the ids are deterministic, so a retry finds the first attempt's
@@ -307,32 +312,38 @@ class ChatStore:
         transaction; ``RateLimited`` means nothing was stored.
         """
         now = utcnow()
-        mid = user_message_id(conv.id, user_id, client_message_id) if client_message_id else new_id()
-        user_msg = Message(id=mid, conversation_id=conv.id, role=protocol.ROLE_USER, content=content,
+        mid = user_message_id(conversation_id, user_id, client_message_id) if client_message_id else new_id()
+        user_msg = Message(id=mid, conversation_id=conversation_id, role=protocol.ROLE_USER, content=content,
                            user_id=user_id, username=username, created_at=now, status=protocol.COMPLETE,
                            client_message_id=client_message_id)
         # One microsecond later, so the reply always sorts after its question.
-        reply = Message(id=reply_id(mid), conversation_id=conv.id, role=protocol.ROLE_ASSISTANT, content="",
-                        user_id=user_id, created_at=now + timedelta(microseconds=1), status=protocol.PENDING,
-                        reply_to=mid)
-        user_ref, reply_ref = self.message_ref(conv.id, mid), self.message_ref(conv.id, reply.id)
+        reply = Message(id=reply_id(mid), conversation_id=conversation_id, role=protocol.ROLE_ASSISTANT,
+                        content="", user_id=user_id, created_at=now + timedelta(microseconds=1),
+                        status=protocol.PENDING, reply_to=mid)
+        conv_ref = self.conversation_ref(conversation_id)
+        user_ref, reply_ref = self.message_ref(conversation_id, mid), self.message_ref(conversation_id, reply.id)
         quota_ref = self.db.collection(QUOTAS).document(user_id)
+        reads = [conv_ref] + ([user_ref] if client_message_id else []) + ([quota_ref] if quota else [])
 
         @firestore.async_transactional
         async def write(transaction) -> bool:
-            if client_message_id:
-                existing = await user_ref.get(transaction=transaction)
-                if existing.exists:
-                    return False
+            docs = {doc.reference.path: doc async for doc in self.db.get_all(reads, transaction=transaction)}
+            conv_doc = docs[conv_ref.path]
+            if not conv_doc.exists:
+                raise NotFound("conversation not found")
+            conv = Conversation.from_doc(conv_doc)
+            if not conv.is_participant(user_id):
+                raise Forbidden("not a participant of this conversation")
+            if client_message_id and docs[user_ref.path].exists:
+                return False
             if quota is not None:
-                snapshot = await quota_ref.get(transaction=transaction)
+                snapshot = docs[quota_ref.path]
                 transaction.set(quota_ref, admit(snapshot.to_dict() if snapshot.exists else None,
                                                  reply.id, now, quota))
             transaction.create(user_ref, user_msg.to_doc())
             transaction.create(reply_ref, {**reply.to_doc(), "heartbeat_at": reply.created_at})
             if now - conv.updated_at >= TOUCH_INTERVAL:
-                transaction.update(self.conversation_ref(conv.id),
-                                   {"updated_at": now, "updated_key": order_key(now, conv.id)})
+                transaction.update(conv_ref, {"updated_at": now, "updated_key": order_key(now, conversation_id)})
             return True
 
         try:
@@ -340,7 +351,8 @@ class ChatStore:
         except gexc.AlreadyExists:  # a concurrent retry of the same message won the race
             created = False
         if not created:
-            return await self.get_message(conv.id, mid), await self.get_message(conv.id, reply.id), False
+            return (await self.get_message(conversation_id, mid), await self.get_message(conversation_id, reply.id),
+                    False)
         return user_msg, reply, True
 
     async def get_message(self, conversation_id: str, message_id: str) -> Message:

@@ -149,9 +149,8 @@ class ChatNamespace(socketio.AsyncNamespace):
                                               or len(client_message_id) > MAX_CLIENT_MESSAGE_ID):
             raise InvalidArgument(f"client_message_id must be a string of 1-{MAX_CLIENT_MESSAGE_ID} characters")
         user = await self._identity(sid)
-        conv = await self.store.require_participant(conversation_id, user["user_id"])
         user_msg, reply, created = await self.store.post_user_message(
-            conv, user["user_id"], user["name"], text, client_message_id, quota=self.settings.quota)
+            conversation_id, user["user_id"], user["name"], text, client_message_id, quota=self.settings.quota)
         if not created:
             return {"ok": True, "message_id": user_msg.id}
         room = protocol.conversation_room(conversation_id)

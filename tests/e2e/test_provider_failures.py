@@ -39,7 +39,7 @@ async def _pending_reply(rt, conversation_id: str, user_id: str, text: str):
     async def post():
         store = ChatStore(rt.generator.replies.db)
         conv = await store.get_conversation(conversation_id)
-        return await store.post_user_message(conv, user_id, user_id, text, uuid.uuid4().hex)
+        return await store.post_user_message(conv.id, user_id, user_id, text, uuid.uuid4().hex)
 
     user_msg, reply, _ = await asyncio.to_thread(rt.runner.run, post())
     return AiRequest(conversation_id, reply.id, user_msg.id, user_id, "2026-11-25T00:00:00Z")
