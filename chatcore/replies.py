@@ -93,20 +93,33 @@ class ReplyStore:
         self._release_quota(batch, reply.user_id, reply.id)
         await batch.commit()
 
-    async def history(self, reply: Message, budget_chars: int, max_messages: int = 100) -> list[Message]:
+    async def recent_messages(self, conversation_id: str, limit: int) -> list[Message]:
+        """The newest ``limit`` messages of a conversation, newest first."""
+        query = (self.store.conversation_ref(conversation_id).collection(MESSAGES)
+                 .order_by("sort_key", direction=firestore.Query.DESCENDING).limit(limit))
+        return [Message.from_doc(conversation_id, doc) async for doc in query.stream()]
+
+    async def history(self, reply: Message, budget_chars: int, max_messages: int = 100,
+                      recent: list[Message] | None = None) -> list[Message]:
         """Messages before ``reply`` (oldest first) whose text fits ``budget_chars``.
 
         The user message the reply answers is always included (the caller
         refuses it if it alone is too large). Replies that did not finish
-        (other overlapping replies, failures) are left out.
+        (other overlapping replies, failures) are left out. ``recent`` (from
+        ``recent_messages``, read before the reply was claimed) saves the
+        query; messages sent after the reply are skipped in it.
         """
-        query = (self.store.conversation_ref(reply.conversation_id).collection(MESSAGES)
-                 .where(filter=firestore.FieldFilter("sort_key", "<", order_key(reply.created_at, reply.id)))
-                 .order_by("sort_key", direction=firestore.Query.DESCENDING).limit(max_messages))
+        bound = order_key(reply.created_at, reply.id)
+        if recent is None:
+            query = (self.store.conversation_ref(reply.conversation_id).collection(MESSAGES)
+                     .where(filter=firestore.FieldFilter("sort_key", "<", bound))
+                     .order_by("sort_key", direction=firestore.Query.DESCENDING).limit(max_messages))
+            newest_first = [Message.from_doc(reply.conversation_id, doc) async for doc in query.stream()]
+        else:
+            newest_first = [m for m in recent if order_key(m.created_at, m.id) < bound][:max_messages]
         picked: list[Message] = []
         used = 0
-        async for doc in query.stream():
-            message = Message.from_doc(reply.conversation_id, doc)
+        for message in newest_first:
             if message.role == protocol.ROLE_ASSISTANT and message.status not in (protocol.COMPLETE,
                                                                                   protocol.CANCELLED):
                 continue

@@ -31,6 +31,8 @@ from .settings import Settings
 logger = logging.getLogger(__name__)
 
 RECENT_CLAIMS = 10_000
+# Messages read beyond the history limit, for those sent after the reply being answered.
+RECENT_MARGIN = 20
 _END = object()
 SKIPPED = "skipped"
 DELETED = "deleted"
@@ -70,14 +72,20 @@ class ReplyGenerator:
             return SKIPPED
         self._handling.add(mid)
         try:
-            reply = await self.replies.claim(request.conversation_id, mid, self.worker_id)
+            # The history is read while the reply is claimed: the first chunk
+            # waits for one Firestore round trip instead of two. A read for a
+            # duplicate request is wasted, which is rare and cheap.
+            reply, recent = await asyncio.gather(
+                self.replies.claim(request.conversation_id, mid, self.worker_id),
+                self.replies.recent_messages(request.conversation_id,
+                                             self.settings.history_max_messages + RECENT_MARGIN))
             self._remember(mid)
         finally:
             self._handling.discard(mid)
         if reply is None:
             logger.info("reply %s is not pending; duplicate request ignored", mid)
             return SKIPPED
-        return await _ReplyRun(self, reply).execute()
+        return await _ReplyRun(self, reply, recent).execute()
 
     def _remember(self, message_id: str) -> None:
         self._claimed[message_id] = None
@@ -86,8 +94,9 @@ class ReplyGenerator:
 
 
 class _ReplyRun:
-    def __init__(self, gen: ReplyGenerator, reply: Message):
+    def __init__(self, gen: ReplyGenerator, reply: Message, recent: list[Message] | None = None):
         self.gen = gen
+        self.recent = recent
         self.settings = gen.settings
         self.reply = reply
         self.room = protocol.conversation_room(reply.conversation_id)
@@ -137,7 +146,7 @@ class _ReplyRun:
 
     async def _prompt(self) -> list[Turn]:
         history = await self.gen.replies.history(self.reply, self.settings.history_budget_chars,
-                                                 self.settings.history_max_messages)
+                                                 self.settings.history_max_messages, recent=self.recent)
         turns = await build_turns(history, self.gen.files, self.gen.provider.supports_images)
         if prompt_size(turns, self.settings.system_prompt) > self.settings.prompt_max_chars:
             raise TooLarge(f"the prompt is larger than {self.settings.prompt_max_chars} characters")
