@@ -24,6 +24,7 @@ additions matter for throughput:
 from __future__ import annotations
 
 import asyncio
+import collections
 from typing import Any
 
 import socketio
@@ -139,16 +140,26 @@ class AsyncGooglePubSubManager(AsyncPubSubManager):
         # (re)creates the subscription, so one that expired or was deleted
         # comes back, and failures pause instead of spinning.
         loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue()
+        # Messages arrive on the pull thread. They wait in ``inbox`` and the
+        # loop is woken once per batch, not once per message.
+        inbox: collections.deque = collections.deque()
+        ready = asyncio.Event()
+
+        def wake() -> None:
+            ready.set()
+
         try:
             if self.transport.subscription_path is None:
                 await asyncio.to_thread(self.transport.create_subscription)
 
             def on_messages(items: list[dict]) -> None:
-                loop.call_soon_threadsafe(queue.put_nowait, items)
+                inbox.append(items)
+                if len(inbox) == 1:
+                    loop.call_soon_threadsafe(wake)
 
             def on_failure(error: BaseException) -> None:
-                loop.call_soon_threadsafe(queue.put_nowait, error)
+                inbox.append(error)
+                loop.call_soon_threadsafe(wake)
 
             await asyncio.to_thread(self.transport.start_pull, on_messages, on_failure)
         except Exception:
@@ -157,21 +168,24 @@ class AsyncGooglePubSubManager(AsyncPubSubManager):
             raise
         try:
             while True:
-                items: Any = await queue.get()
-                if isinstance(items, BaseException):
-                    self.transport.subscription_path = None
-                    await asyncio.sleep(self.restart_delay)
-                    raise ConnectionError(f"room bus subscription failed: {items}")
-                for item in items:
-                    if item.get("method") == "leave_room_members":
-                        if item.get("host_id") != self.host_id:
-                            try:
-                                await self._handle_leave_room_members(item)
-                            except Exception:
-                                # A malformed message must not restart the
-                                # listener (and drop what is queued behind it).
-                                self._get_logger().exception("dropping a bad leave_room_members message")
-                        continue
-                    yield item
+                await ready.wait()
+                ready.clear()
+                while inbox:
+                    items: Any = inbox.popleft()
+                    if isinstance(items, BaseException):
+                        self.transport.subscription_path = None
+                        await asyncio.sleep(self.restart_delay)
+                        raise ConnectionError(f"room bus subscription failed: {items}")
+                    for item in items:
+                        if item.get("method") == "leave_room_members":
+                            if item.get("host_id") != self.host_id:
+                                try:
+                                    await self._handle_leave_room_members(item)
+                                except Exception:
+                                    # A malformed message must not restart the
+                                    # listener (and drop what is queued behind it).
+                                    self._get_logger().exception("dropping a bad leave_room_members message")
+                            continue
+                        yield item
         finally:
             await asyncio.to_thread(self.transport.stop_pull)

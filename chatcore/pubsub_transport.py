@@ -30,6 +30,7 @@ from google.api_core import exceptions as gexc
 from google.cloud import pubsub_v1
 
 from .publisher import Publisher
+from .subscriber import Subscriber
 from .topology import InstanceSubscription
 
 logger = logging.getLogger(__name__)
@@ -107,7 +108,7 @@ class PubSubTransport:
     def __init__(self, project_id: str, topic: str, *, host_id: str,
                  subscription: InstanceSubscription | None = None,
                  publisher: Publisher | None = None,
-                 subscriber: pubsub_v1.SubscriberClient | None = None,
+                 subscriber: Subscriber | None = None,
                  dumps: Callable[[Any], str] = json.dumps, loads: Callable[[str], Any] = json.loads,
                  max_messages_outstanding: int = 1000):
         self.project_id = project_id
@@ -136,9 +137,9 @@ class PubSubTransport:
         return self._publisher
 
     @property
-    def subscriber(self) -> pubsub_v1.SubscriberClient:
+    def subscriber(self) -> Subscriber:
         if self._subscriber is None:
-            self._subscriber = pubsub_v1.SubscriberClient()
+            self._subscriber = Subscriber()
         return self._subscriber
 
     # -- publishing ----------------------------------------------------

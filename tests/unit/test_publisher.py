@@ -9,7 +9,7 @@ import pytest
 from google.api_core import exceptions as gexc
 
 from chatcore.publisher import Publisher
-from tests.fakes.pubsub_publish_server import FakePublishServer
+from tests.fakes.pubsub_grpc_server import FakePublishServer
 
 TOPIC = "projects/p/topics/chat-events"
 
