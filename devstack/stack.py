@@ -27,12 +27,13 @@ ROOT = Path(__file__).resolve().parent.parent
 GCS_CORS_HEADERS = "content-type,x-goog-content-length-range,x-goog-if-generation-match,x-goog-meta-upload-id"
 
 
-# The Pub/Sub emulator keeps at most two pushes in flight per subscription,
-# and the AI function holds each push for its whole reply (production Pub/Sub
-# scales push concurrency by itself). Locally, identical copies of the push
-# subscription raise that to 2 x copies replies at once; the function drops
-# the extra deliveries of a request in memory before touching Firestore.
-LOCAL_PUSH_COPIES = {"ai_stream": 30}
+# The Pub/Sub emulator keeps at most two pushes in flight per subscription and
+# polls for new messages every 100 ms, while the AI function holds each push
+# for its whole reply (production Pub/Sub scales push concurrency by itself).
+# For these targets the subscription is created without a push endpoint and
+# devstack/push_relay.py pushes its messages in the same format, as many at
+# once as production would.
+LOCAL_PUSH_RELAYED = {"ai_stream"}
 
 
 @dataclass
@@ -200,21 +201,20 @@ class Stack:
                 # The path names the topic, so functions-framework builds the
                 # CloudEvent `source` exactly as Eventarc does in production.
                 endpoint = f"{base}/projects/{self.project_id}/topics/{sub.topic}"
-                copies = LOCAL_PUSH_COPIES.get(sub.target, 1)
-                names = [sub.name] + [f"{sub.name}-local-{i}" for i in range(2, copies + 1)]
-                for name in names:
-                    try:
-                        subscriber.create_subscription(request={
-                            "name": subscriber.subscription_path(self.project_id, name),
-                            "topic": publisher.topic_path(self.project_id, sub.topic),
-                            "push_config": {"push_endpoint": endpoint},
-                            "ack_deadline_seconds": sub.ack_deadline_seconds,
-                            "dead_letter_policy": {
-                                "dead_letter_topic": publisher.topic_path(self.project_id, sub.dead_letter_topic),
-                                "max_delivery_attempts": sub.max_delivery_attempts},
-                        })
-                    except gexc.AlreadyExists:
-                        pass
+                request = {
+                    "name": subscriber.subscription_path(self.project_id, sub.name),
+                    "topic": publisher.topic_path(self.project_id, sub.topic),
+                    "ack_deadline_seconds": sub.ack_deadline_seconds,
+                    "dead_letter_policy": {
+                        "dead_letter_topic": publisher.topic_path(self.project_id, sub.dead_letter_topic),
+                        "max_delivery_attempts": sub.max_delivery_attempts},
+                }
+                if sub.target not in LOCAL_PUSH_RELAYED:
+                    request["push_config"] = {"push_endpoint": endpoint}
+                try:
+                    subscriber.create_subscription(request=request)
+                except gexc.AlreadyExists:
+                    pass
             subscriber.close()
         finally:
             for k, v in old.items():
@@ -257,7 +257,20 @@ class Stack:
         port = port or self.ports.ai
         proc = self.start_function("ai_stream", "functions/ai_stream", port, name, **extra_env)
         self.provision_pubsub({"ai_stream": f"http://127.0.0.1:{port}"})
+        self.start_push_relay("ai_stream", f"http://127.0.0.1:{port}", name=f"{name}-push-relay")
         return proc
+
+    def start_push_relay(self, target: str, base: str, name: str) -> Managed:
+        """devstack/push_relay.py for the push subscription feeding ``target`` (see LOCAL_PUSH_RELAYED)."""
+        (sub,) = [s for s in topology.load().push_subscriptions if s.target == target]
+        port = free_port()
+        proc = Managed(name, [sys.executable, "-m", "devstack.push_relay",
+                              "--subscription", f"projects/{self.project_id}/subscriptions/{sub.name}",
+                              "--endpoint", f"{base}/projects/{self.project_id}/topics/{sub.topic}",
+                              "--timeout", str(sub.ack_deadline_seconds), "--port", str(port)], port,
+                       env={**self.emulator_env, "PYTHONPATH": str(ROOT)},
+                       log_path=self.log_dir / f"{name}-{port}.log")
+        return self._start(proc, lambda: http_ok(f"http://127.0.0.1:{port}/"), 30)
 
     def start_upload_functions(self, upload_port: int | None = None, finalize_port: int | None = None,
                                **extra_env: str) -> tuple[Managed, Managed]:

@@ -106,6 +106,8 @@ def local_stack_env(mocker_module) -> dict[str, dict[str, str]]:
     finally:
         stack.stop()
     by_name = {proc.name: proc.env for proc in captured}
+    # The push relay is local plumbing (devstack/push_relay.py), not a deployable.
+    assert by_name.pop("ai-stream-push-relay")["PUBSUB_EMULATOR_HOST"] == "127.0.0.1:2"
     assert set(by_name) == {"ai-stream", "request-upload", "upload-finalized", "socket-service"}
     assert by_name["request-upload"].keys() == by_name["upload-finalized"].keys()
     return {"ai_stream": by_name["ai-stream"], "upload": by_name["request-upload"],
