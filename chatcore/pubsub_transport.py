@@ -103,7 +103,7 @@ def pack(messages: list[dict], dumps: Callable[[Any], str] = json.dumps,
 
 
 class PubSubTransport:
-    """Publishes packed manager messages and runs the per-instance streaming pull."""
+    """Publishes packed manager messages and runs the per-instance message stream (see subscriber.py)."""
 
     def __init__(self, project_id: str, topic: str, *, host_id: str,
                  subscription: InstanceSubscription | None = None,
