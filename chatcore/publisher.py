@@ -122,8 +122,8 @@ class Publisher:
     def _make_ready(self, key) -> None:
         # Called with the lock held.
         self._ready.append(key)
-        if self._idle:
-            self._idle -= 1
+        if self._idle > 0:
+            self._idle -= 1  # that worker's count; it does not count itself again unless it waits again
             self._cond.notify()
         elif self._workers < self.max_in_flight:
             self._workers += 1
@@ -136,7 +136,9 @@ class Publisher:
                 while not self._ready:
                     self._idle += 1
                     if not self._cond.wait(self.idle_worker_seconds) and not self._ready:
-                        self._idle -= 1
+                        # A notify racing this timeout may have counted us out
+                        # already; never let the count go negative.
+                        self._idle = max(0, self._idle - 1)
                         self._workers -= 1
                         return
                 key = self._ready.popleft()
