@@ -145,9 +145,6 @@ class AsyncGooglePubSubManager(AsyncPubSubManager):
         inbox: collections.deque = collections.deque()
         ready = asyncio.Event()
 
-        def wake() -> None:
-            ready.set()
-
         try:
             if self.transport.subscription_path is None:
                 await asyncio.to_thread(self.transport.create_subscription)
@@ -155,11 +152,11 @@ class AsyncGooglePubSubManager(AsyncPubSubManager):
             def on_messages(items: list[dict]) -> None:
                 inbox.append(items)
                 if len(inbox) == 1:
-                    loop.call_soon_threadsafe(wake)
+                    loop.call_soon_threadsafe(ready.set)
 
             def on_failure(error: BaseException) -> None:
                 inbox.append(error)
-                loop.call_soon_threadsafe(wake)
+                loop.call_soon_threadsafe(ready.set)
 
             await asyncio.to_thread(self.transport.start_pull, on_messages, on_failure)
         except Exception:

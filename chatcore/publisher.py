@@ -29,7 +29,6 @@ does the batching itself:
 
 from __future__ import annotations
 
-import random
 import threading
 import time
 from collections import deque
@@ -40,15 +39,15 @@ import grpc
 from google.api_core import exceptions as gexc
 from google.pubsub_v1 import types as pubsub_types
 
+from .pubsub_rpc import TRANSIENT, OnClientChannel, backoff
+
 PUBLISH_METHOD = "/google.pubsub.v1.Publisher/Publish"
 _REQUEST = pubsub_types.PublishRequest.pb()
 _RESPONSE = pubsub_types.PublishResponse.pb()
 _MESSAGE = pubsub_types.PubsubMessage.pb()
 
-# The codes google-cloud-pubsub's own publisher retries.
-RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
-                       grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.ABORTED,
-                       grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN})
+# A publish is retried on these (a timed-out one may be delivered twice).
+RETRYABLE = TRANSIENT | {grpc.StatusCode.DEADLINE_EXCEEDED}
 # Pub/Sub limits one request to 1,000 messages and 10 MB.
 MAX_BATCH_MESSAGES = 1000
 MAX_BATCH_BYTES = 9_000_000
@@ -64,12 +63,13 @@ class _Queue:
         self.busy = False  # an RPC of this key is in flight, or the key is in the ready queue
 
 
-class Publisher:
+class Publisher(OnClientChannel):
+    client_class_name = "PublisherClient"
+
     def __init__(self, client=None, *, channel: grpc.Channel | None = None, max_in_flight: int = 16,
                  rpc_timeout: float = 60.0, retry_deadline: float = 60.0, initial_backoff: float = 0.1,
                  max_backoff: float = 5.0, idle_worker_seconds: float = 60.0):
-        self._client = client
-        self._channel = channel
+        super().__init__(client, channel)
         self.max_in_flight = max_in_flight
         self.rpc_timeout = rpc_timeout
         self.retry_deadline = retry_deadline
@@ -81,24 +81,6 @@ class Publisher:
         self._ready: deque = deque()  # keys with waiting messages and no RPC in flight
         self._workers = 0
         self._idle = 0  # workers waiting for work and not yet woken
-        self._stub = None
-        self._stub_lock = threading.Lock()
-
-    @property
-    def client(self):
-        """google-cloud-pubsub's client: its channel carries our RPCs; admin calls go through it."""
-        if self._client is None:
-            from google.cloud import pubsub_v1
-            self._client = pubsub_v1.PublisherClient()
-        return self._client
-
-    def _publish_stub(self):
-        with self._stub_lock:
-            if self._stub is None:
-                channel = self._channel or self.client.transport.grpc_channel
-                self._stub = channel.unary_unary(PUBLISH_METHOD, request_serializer=_REQUEST.SerializeToString,
-                                                 response_deserializer=_RESPONSE.FromString)
-            return self._stub
 
     def get_topic(self, request, timeout=None):
         return self.client.get_topic(request=request, timeout=timeout)
@@ -178,10 +160,10 @@ class Publisher:
         attempt = 0
         while True:
             try:
-                response = self._publish_stub()(request, timeout=self.rpc_timeout, metadata=metadata)
+                response = self._stub(PUBLISH_METHOD, _REQUEST, _RESPONSE)(request, timeout=self.rpc_timeout, metadata=metadata)
                 return list(response.message_ids), None
             except grpc.RpcError as exc:
-                delay = min(self.max_backoff, self.initial_backoff * 2 ** attempt) * (0.5 + random.random() / 2)
+                delay = backoff(attempt, self.initial_backoff, self.max_backoff)
                 if exc.code() not in RETRYABLE or time.monotonic() + delay >= deadline:
                     return [], gexc.from_grpc_error(exc)
             except Exception as exc:  # e.g. the channel was closed

@@ -93,10 +93,12 @@ class ReplyStore:
         self._release_quota(batch, reply.user_id, reply.id)
         await batch.commit()
 
-    async def recent_messages(self, conversation_id: str, limit: int) -> list[Message]:
-        """The newest ``limit`` messages of a conversation, newest first."""
+    async def recent_messages(self, conversation_id: str, limit: int, before: str | None = None) -> list[Message]:
+        """The newest ``limit`` messages of a conversation (with a sort key below ``before``), newest first."""
         query = (self.store.conversation_ref(conversation_id).collection(MESSAGES)
                  .order_by("sort_key", direction=firestore.Query.DESCENDING).limit(limit))
+        if before is not None:
+            query = query.where(filter=firestore.FieldFilter("sort_key", "<", before))
         return [Message.from_doc(conversation_id, doc) async for doc in query.stream()]
 
     async def history(self, reply: Message, budget_chars: int, max_messages: int = 100,
@@ -111,12 +113,8 @@ class ReplyStore:
         """
         bound = order_key(reply.created_at, reply.id)
         if recent is None:
-            query = (self.store.conversation_ref(reply.conversation_id).collection(MESSAGES)
-                     .where(filter=firestore.FieldFilter("sort_key", "<", bound))
-                     .order_by("sort_key", direction=firestore.Query.DESCENDING).limit(max_messages))
-            newest_first = [Message.from_doc(reply.conversation_id, doc) async for doc in query.stream()]
-        else:
-            newest_first = [m for m in recent if order_key(m.created_at, m.id) < bound][:max_messages]
+            recent = await self.recent_messages(reply.conversation_id, max_messages, before=bound)
+        newest_first = [m for m in recent if order_key(m.created_at, m.id) < bound][:max_messages]
         picked: list[Message] = []
         used = 0
         for message in newest_first:

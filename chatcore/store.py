@@ -63,6 +63,21 @@ def order_key(moment: datetime, doc_id: str) -> str:
     return f"{_micros(moment):017d}-{doc_id}"
 
 
+def conversation_of(doc) -> Conversation:
+    """The conversation in a snapshot, or ``NotFound``."""
+    if not doc.exists:
+        raise NotFound("conversation not found")
+    return Conversation.from_doc(doc)
+
+
+def participant_of(doc, user_id: str) -> Conversation:
+    """The conversation in a snapshot if ``user_id`` takes part in it, else ``NotFound``/``Forbidden``."""
+    conv = conversation_of(doc)
+    if not conv.is_participant(user_id):
+        raise Forbidden("not a participant of this conversation")
+    return conv
+
+
 def new_id() -> str:
     """Random 20-character document id, like Firestore's auto ids."""
     return secrets.token_urlsafe(15)
@@ -235,16 +250,10 @@ class ChatStore:
         return conv
 
     async def get_conversation(self, conversation_id: str) -> Conversation:
-        doc = await self.conversation_ref(conversation_id).get()
-        if not doc.exists:
-            raise NotFound("conversation not found")
-        return Conversation.from_doc(doc)
+        return conversation_of(await self.conversation_ref(conversation_id).get())
 
     async def require_participant(self, conversation_id: str, user_id: str) -> Conversation:
-        conv = await self.get_conversation(conversation_id)
-        if not conv.is_participant(user_id):
-            raise Forbidden("not a participant of this conversation")
-        return conv
+        return participant_of(await self.conversation_ref(conversation_id).get(), user_id)
 
     async def require_owner(self, conversation_id: str, user_id: str) -> Conversation:
         conv = await self.require_participant(conversation_id, user_id)
@@ -328,12 +337,7 @@ class ChatStore:
         @firestore.async_transactional
         async def write(transaction) -> bool:
             docs = {doc.reference.path: doc async for doc in self.db.get_all(reads, transaction=transaction)}
-            conv_doc = docs[conv_ref.path]
-            if not conv_doc.exists:
-                raise NotFound("conversation not found")
-            conv = Conversation.from_doc(conv_doc)
-            if not conv.is_participant(user_id):
-                raise Forbidden("not a participant of this conversation")
+            conv = participant_of(docs[conv_ref.path], user_id)
             if client_message_id and docs[user_ref.path].exists:
                 return False
             if quota is not None:

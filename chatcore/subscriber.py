@@ -21,7 +21,6 @@ messages in order and the next batch only after this one is acknowledged.
 from __future__ import annotations
 
 import logging
-import random
 import threading
 import time
 from concurrent.futures import Future
@@ -31,6 +30,8 @@ from google.api_core import exceptions as gexc
 from google.protobuf import empty_pb2
 from google.pubsub_v1 import types as pubsub_types
 
+from .pubsub_rpc import TRANSIENT, OnClientChannel, backoff
+
 logger = logging.getLogger(__name__)
 
 PULL_METHOD = "/google.pubsub.v1.Subscriber/Pull"
@@ -38,9 +39,6 @@ ACK_METHOD = "/google.pubsub.v1.Subscriber/Acknowledge"
 _PULL_REQUEST = pubsub_types.PullRequest.pb()
 _PULL_RESPONSE = pubsub_types.PullResponse.pb()
 _ACK_REQUEST = pubsub_types.AcknowledgeRequest.pb()
-# Retried without ending the stream (the streaming pull retries the same ones).
-TRANSIENT = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN,
-                       grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.ABORTED})
 
 
 class PulledMessage:
@@ -88,33 +86,15 @@ class PullStream(Future):
         return True
 
 
-class Subscriber:
+class Subscriber(OnClientChannel):
+    client_class_name = "SubscriberClient"
+
     def __init__(self, client=None, *, channel: grpc.Channel | None = None, pull_timeout: float = 30.0,
                  ack_timeout: float = 10.0, max_transient_failures: int = 10):
-        self._client = client
-        self._channel = channel
+        super().__init__(client, channel)
         self.pull_timeout = pull_timeout
         self.ack_timeout = ack_timeout
         self.max_transient_failures = max_transient_failures
-        self._stubs = None
-
-    @property
-    def client(self):
-        """google-cloud-pubsub's client: its channel carries the pulls; admin calls go through it."""
-        if self._client is None:
-            from google.cloud import pubsub_v1
-            self._client = pubsub_v1.SubscriberClient()
-        return self._client
-
-    def _pull_stubs(self):
-        if self._stubs is None:
-            channel = self._channel or self.client.transport.grpc_channel
-            self._stubs = (
-                channel.unary_unary(PULL_METHOD, request_serializer=_PULL_REQUEST.SerializeToString,
-                                    response_deserializer=_PULL_RESPONSE.FromString),
-                channel.unary_unary(ACK_METHOD, request_serializer=_ACK_REQUEST.SerializeToString,
-                                    response_deserializer=empty_pb2.Empty.FromString))
-        return self._stubs
 
     # -- admin, as SubscriberClient ----------------------------------------
     def subscription_path(self, project: str, name: str) -> str:
@@ -147,7 +127,8 @@ class Subscriber:
             stream.set_result(None)
 
     def _loop(self, stream: PullStream, subscription: str, callback, max_messages: int) -> BaseException | None:
-        pull, ack = self._pull_stubs()
+        pull = self._stub(PULL_METHOD, _PULL_REQUEST, _PULL_RESPONSE)
+        ack = self._stub(ACK_METHOD, _ACK_REQUEST, empty_pb2.Empty)
         request = _PULL_REQUEST(subscription=subscription, max_messages=max_messages)
         failures = 0
         while not stream.cancelled():
@@ -166,7 +147,7 @@ class Subscriber:
                     continue  # a long poll that found nothing
                 failures += 1
                 if code in TRANSIENT and failures <= self.max_transient_failures:
-                    stream._stop.wait(min(5.0, 0.1 * 2 ** failures) * (0.5 + random.random() / 2))
+                    stream._stop.wait(backoff(failures, 0.1, 5.0))
                     continue
                 return gexc.from_grpc_error(exc)
             failures = 0

@@ -10,6 +10,7 @@ Pub/Sub receives.
 from __future__ import annotations
 
 import threading
+import time
 from concurrent import futures
 from dataclasses import dataclass
 
@@ -24,6 +25,14 @@ _PULL_RESPONSE = pubsub_types.PullResponse.pb()
 _ACK_REQUEST = pubsub_types.AcknowledgeRequest.pb()
 _RECEIVED = pubsub_types.ReceivedMessage.pb()
 _MESSAGE = pubsub_types.PubsubMessage.pb()
+
+
+def wait_for(predicate, timeout: float = 5.0) -> None:
+    """Poll until ``predicate()`` is true (the RPCs complete on other threads); fail after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.005)
 
 
 @dataclass

@@ -9,7 +9,7 @@ import pytest
 from google.api_core import exceptions as gexc
 
 from chatcore.publisher import Publisher
-from tests.fakes.pubsub_grpc_server import FakePublishServer
+from tests.fakes.pubsub_grpc_server import FakePublishServer, wait_for
 
 TOPIC = "projects/p/topics/chat-events"
 
@@ -26,13 +26,6 @@ def publisher(server):
     channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
     yield Publisher(channel=channel, initial_backoff=0.01, max_backoff=0.05)
     channel.close()
-
-
-def wait_for(predicate, timeout=5.0):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.005)
 
 
 def test_a_message_goes_out_with_its_key_attributes_and_routing_header(server, publisher):

@@ -10,7 +10,7 @@ import pytest
 from google.api_core import exceptions as gexc
 
 from chatcore.subscriber import Subscriber
-from tests.fakes.pubsub_grpc_server import FakePullServer
+from tests.fakes.pubsub_grpc_server import FakePullServer, wait_for
 
 SUBSCRIPTION = "projects/p/subscriptions/chat-events-instance-x"
 
@@ -27,13 +27,6 @@ def channel(server):
     ch = grpc.insecure_channel(f"127.0.0.1:{server.port}")
     yield ch
     ch.close()
-
-
-def wait_for(predicate, timeout=5.0):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.005)
 
 
 class Collector:

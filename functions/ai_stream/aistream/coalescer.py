@@ -38,7 +38,7 @@ class ChunkCoalescer:
             return None
         if self._last_flush is None or self._size >= self.max_chars:
             return 0.0
-        return max(0.0, self._last_flush + self.interval - self.clock())
+        return self.seconds_until_interval()
 
     def seconds_until_interval(self) -> float:
         """How long until a full interval has passed since the last chunk went out (0 if none has)."""
