@@ -59,8 +59,20 @@ def ordering_key(message: dict) -> str:
     return key
 
 
+# The envelope around the packed messages. Each message is serialised once and
+# the envelope is joined around the results, so ``pack`` knows every payload's
+# exact size without serialising anything twice.
+_HEAD = b'{"v":%d,"messages":[' % WIRE_VERSION
+_TAIL = b"]}"
+_ENVELOPE_BYTES = len(_HEAD) + len(_TAIL)
+
+
+def _wrap(items: list[bytes]) -> bytes:
+    return _HEAD + b",".join(items) + _TAIL
+
+
 def encode(messages: list[dict], dumps: Callable[[Any], str] = json.dumps) -> bytes:
-    return dumps({"v": WIRE_VERSION, "messages": messages}).encode()
+    return _wrap([dumps(m).encode() for m in messages])
 
 
 def decode(data: bytes, loads: Callable[[str], Any] = json.loads) -> list[dict]:
@@ -83,23 +95,17 @@ def pack(messages: list[dict], dumps: Callable[[Any], str] = json.dumps,
     """Encode messages into as few payloads as fit in ``max_bytes`` each, keeping order.
 
     A single message larger than ``max_bytes`` travels alone."""
-    # Exact sizes of the envelope and of the separator between items, for
-    # whatever ``dumps`` is in use (its separators may differ from json's).
-    envelope = len(encode([], dumps))
-    separator = len(dumps([0, 0]).encode()) - len(dumps([0]).encode()) - len(dumps(0).encode())
-    batch: list[dict] = []
-    size = envelope
+    batch: list[bytes] = []
+    size = _ENVELOPE_BYTES
     for message in messages:
-        item_size = len(dumps(message).encode())
-        if batch and size + separator + item_size > max_bytes:
-            yield encode(batch, dumps)
-            batch, size = [], envelope
-        if batch:
-            size += separator
-        batch.append(message)
-        size += item_size
+        item = dumps(message).encode()
+        if batch and size + 1 + len(item) > max_bytes:  # 1: the comma
+            yield _wrap(batch)
+            batch, size = [], _ENVELOPE_BYTES
+        size += len(item) + (1 if batch else 0)
+        batch.append(item)
     if batch:
-        yield encode(batch, dumps)
+        yield _wrap(batch)
 
 
 class PubSubTransport:
