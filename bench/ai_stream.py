@@ -65,7 +65,7 @@ sys.path.insert(0, str(ROOT / "functions" / "ai_stream"))
 import psutil  # noqa: E402
 
 from bench import wsclient  # noqa: E402
-from bench.machine import CpuMeter, machine_info  # noqa: E402
+from bench.machine import CpuMeter, code_state, machine_info  # noqa: E402
 from chatcore import protocol  # noqa: E402
 from chatcore.auth import issue_token  # noqa: E402
 from chatcore.store import reply_id, user_message_id  # noqa: E402
@@ -116,16 +116,6 @@ def busiest_window(times: list[float], window: float = 1.0) -> int:
     return best
 
 
-def code_state() -> dict:
-    def git(*argv: str) -> str:
-        try:
-            return subprocess.run(["git", *argv], cwd=ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
-        except Exception:
-            return "?"
-
-    return {"commit": git("rev-parse", "--short", "HEAD"),
-            "uncommitted": git("status", "--short", "--", "chatcore", "socket_service", "functions/ai_stream",
-                               "bench").splitlines()}
 
 
 # -- the in-process AI function runtime, instrumented -----------------------------

@@ -59,7 +59,7 @@ import aiohttp  # noqa: E402
 import psutil  # noqa: E402
 
 from bench import wsclient  # noqa: E402
-from bench.machine import cpu_seconds  # noqa: E402
+from bench.machine import code_state, cpu_seconds  # noqa: E402
 from chatcore.auth import issue_token  # noqa: E402
 from devstack.processes import Managed, free_port, http_ok  # noqa: E402
 from devstack.stack import Ports, Stack, check_prerequisites  # noqa: E402
@@ -188,16 +188,6 @@ async def undisturbed(args: argparse.Namespace, label: str, measure) -> dict:
     raise AssertionError("unreachable")
 
 
-def code_state() -> dict:
-    """The commit under test, and any uncommitted change to the code the benchmark runs."""
-    def git(*argv: str) -> str:
-        try:
-            return subprocess.run(["git", *argv], cwd=ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
-        except Exception:
-            return "?"
-
-    return {"commit": git("rev-parse", "--short", "HEAD"),
-            "uncommitted": git("status", "--short", "--", "chatcore", "socket_service", "bench").splitlines()}
 
 
 # -- processes ---------------------------------------------------------------

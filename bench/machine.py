@@ -5,10 +5,15 @@ from __future__ import annotations
 import datetime as dt
 import os
 import platform
+import subprocess
 import time
 from importlib.metadata import PackageNotFoundError, version
 
 import psutil
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The code every benchmark runs: an uncommitted change here is recorded with the figures.
+CODE_PATHS = ("chatcore", "socket_service", "functions", "devstack", "bench")
 
 LIBRARIES = ("python-socketio", "python-engineio", "aiohttp", "google-cloud-pubsub", "google-cloud-firestore",
              "google-cloud-storage", "grpcio", "functions-framework", "gunicorn", "playwright")
@@ -68,3 +73,15 @@ class CpuMeter:
         wall = time.perf_counter() - self.t0
         return {name: round(100 * (cpu_seconds(pids) - self.start[name]) / wall, 1)
                 for name, pids in self.groups.items()}
+
+
+def code_state() -> dict:
+    """The commit under test, and any uncommitted change to the code the benchmarks run."""
+    def git(*argv: str) -> str:
+        try:
+            return subprocess.run(["git", *argv], cwd=ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
+        except Exception:
+            return "?"
+
+    return {"commit": git("rev-parse", "--short", "HEAD"),
+            "uncommitted": git("status", "--short", "--", *CODE_PATHS).splitlines()}

@@ -107,3 +107,37 @@ async def test_reply_longer_than_the_maximum_duration_is_ended(api, service, mak
     assert await asyncio.to_thread(rt.runner.run, rt.generator.handle(request), 30) == "error"
     error = await client.wait_for("ai_response_error", lambda e: e["message_id"] == request.message_id)
     assert error["error"] == {"code": "unavailable", "message": "the reply took longer than 1 s"}
+
+
+class _SilentAfterOnePiece:
+    """A provider with no timeout of its own: one piece of text, then nothing, ever."""
+
+    name = "silent"
+    supports_images = False
+
+    def __init__(self):
+        self.closed = asyncio.Event()
+
+    async def stream(self, turns, *, system):
+        try:
+            yield "first words "
+            await asyncio.Event().wait()
+        finally:
+            self.closed.set()
+
+
+async def test_a_provider_that_goes_silent_is_stopped_by_the_idle_backstop(api, service, make_token, clients):
+    user, conv, client = await _room_client(api, service, make_token, clients)
+    provider = _SilentAfterOnePiece()
+    settings = Settings.from_env(dict(os.environ), provider_timeout_seconds=0.2)
+    rt = build_runtime(settings, provider=provider)
+    try:
+        request = await _pending_reply(rt, conv["id"], user, "hello")
+        assert await asyncio.to_thread(rt.runner.run, rt.generator.handle(request), 30) == "error"
+        error = await client.wait_for("ai_response_error", lambda e: e["message_id"] == request.message_id)
+        assert error["error"] == {"code": "unavailable", "message": "the model sent nothing for 1.3 s"}
+        chunks = [c for c in client.received("ai_response_chunk") if c["message_id"] == request.message_id]
+        assert "".join(c["chunk"] for c in chunks) == "first words "
+        assert provider.closed.is_set(), "the provider's stream is closed"
+    finally:
+        rt.runner.close()

@@ -32,11 +32,16 @@ class ChunkCoalescer:
     def pending(self) -> bool:
         return self._size > 0
 
+    @property
+    def full(self) -> bool:
+        """``max_chars`` are waiting: a chunk is due whatever the interval."""
+        return self._size >= self.max_chars
+
     def seconds_until_due(self) -> float | None:
         """0 if a flush is due now, the wait otherwise, None if nothing is buffered."""
         if not self._size:
             return None
-        if self._last_flush is None or self._size >= self.max_chars:
+        if self._last_flush is None or self.full:
             return 0.0
         return self.seconds_until_interval()
 

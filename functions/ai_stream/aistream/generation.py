@@ -155,30 +155,32 @@ class _ReplyRun:
     # -- streaming ---------------------------------------------------------
     async def _stream(self, turns: list[Turn]) -> tuple[str, dict | None]:
         loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue(maxsize=1024)
-        stop = asyncio.Event()
-        producer = asyncio.create_task(self._produce(turns, queue))
-        watcher = asyncio.create_task(self._watch(stop))
+        signals = _Signals(loop)
+        producer = asyncio.create_task(self._produce(turns, signals))
+        watcher = asyncio.create_task(self._watch(signals))
         deadline = loop.time() + self.settings.max_reply_seconds
         # A backstop behind the provider's own timeout (which reports the
         # cause more precisely), for providers that have none.
         idle_limit = self.settings.provider_timeout_seconds * 1.5 + 1
-        idle_deadline = loop.time() + idle_limit
         try:
             while True:
+                if signals.stop_requested:
+                    await _cancel(producer)  # closes the provider's stream
+                    await self._flush_rest()
+                    return protocol.CANCELLED, None
                 due = self.coalescer.seconds_until_due()
                 if due == 0:
                     # Everything the model produced meanwhile joins this chunk.
-                    terminal = self._drain(queue)
                     await self._flush()
-                    if terminal is not None:
-                        return await self._end_with(terminal)
                     continue
+                if signals.end is not None:
+                    return await self._end_with(signals.end)
                 now = loop.time()
                 if now >= deadline:
                     await self._flush_rest()
                     return protocol.FAILED, {"code": "unavailable", "message":
                                              f"the reply took longer than {self.settings.max_reply_seconds:g} s"}
+                idle_deadline = signals.last_input + idle_limit
                 if now >= idle_deadline:
                     await self._flush_rest()
                     return protocol.FAILED, {"code": "unavailable", "message":
@@ -186,34 +188,10 @@ class _ReplyRun:
                 wait = min(deadline, idle_deadline) - now
                 if due is not None:
                     wait = min(wait, due)
-                getter = asyncio.ensure_future(queue.get())
-                stopper = asyncio.ensure_future(stop.wait())
-                done, _ = await asyncio.wait({getter, stopper}, timeout=wait,
-                                             return_when=asyncio.FIRST_COMPLETED)
-                getter.cancel()
-                stopper.cancel()
-                if stopper in done:
-                    await self._flush_rest()
-                    return protocol.CANCELLED, None
-                if getter in done:
-                    item = getter.result()
-                    if item is _END or isinstance(item, ProviderError):
-                        return await self._end_with(item)
-                    self.coalescer.add(item)
-                    idle_deadline = loop.time() + idle_limit
+                # With text buffered, new text need not wake us: the timer will.
+                await signals.wait(wait, on_input=due is None)
         finally:
-            producer.cancel()
-            watcher.cancel()
-            await asyncio.gather(producer, watcher, return_exceptions=True)
-
-    def _drain(self, queue: asyncio.Queue):
-        """Move every piece already waiting into the coalescer; returns the end marker or error if seen."""
-        while not queue.empty():
-            item = queue.get_nowait()
-            if item is _END or isinstance(item, ProviderError):
-                return item
-            self.coalescer.add(item)
-        return None
+            await _cancel(producer, watcher)
 
     async def _end_with(self, item) -> tuple[str, dict | None]:
         """The model finished (``_END``) or failed (``ProviderError``): send what is left."""
@@ -223,20 +201,28 @@ class _ReplyRun:
         logger.warning("provider %s failed for %s: %s", self.gen.provider.name, self.reply.id, item.message)
         return protocol.FAILED, {"code": item.code, "message": item.message}
 
-    async def _produce(self, turns: list[Turn], queue: asyncio.Queue) -> None:
+    async def _produce(self, turns: list[Turn], signals: _Signals) -> None:
+        """Feed the model's text straight into the coalescer; wake the streaming loop only when it must act.
+
+        Per token this is an append and two comparisons: at model speeds of
+        hundreds of tokens a second per reply, and dozens of replies per
+        instance, a queue hand-off and a wake-up per token cost more CPU than
+        everything else a reply does."""
+        coalescer = self.coalescer
         stream = self.gen.provider.stream(turns, system=self.settings.system_prompt)
+        end = _END
         try:
             async for piece in stream:
                 if piece:
-                    await queue.put(piece)
-            await queue.put(_END)
+                    coalescer.add(piece)
+                    signals.input_arrived(wake=coalescer.full)
         except ProviderError as err:
-            await queue.put(err)
+            end = err
         except asyncio.CancelledError:
             raise
         except Exception as exc:
             logger.exception("provider %s raised", self.gen.provider.name)
-            await queue.put(ProviderError(f"the model call failed ({type(exc).__name__})"))
+            end = ProviderError(f"the model call failed ({type(exc).__name__})")
         finally:
             aclose = getattr(stream, "aclose", None)
             if aclose is not None:
@@ -244,6 +230,7 @@ class _ReplyRun:
                     await aclose()
                 except RuntimeError:
                     pass  # already closed by the cancellation
+        signals.finish(end)
 
     async def _flush(self) -> None:
         text = self.coalescer.take()
@@ -267,7 +254,7 @@ class _ReplyRun:
         if wait > 0:
             await asyncio.sleep(wait)
 
-    async def _watch(self, stop: asyncio.Event) -> None:
+    async def _watch(self, signals: _Signals) -> None:
         """Checkpoint about once per interval and notice stop requests."""
         loop = asyncio.get_running_loop()
         poll = self.settings.stop_poll_interval_ms / 1000
@@ -284,11 +271,63 @@ class _ReplyRun:
                     requested = await self.gen.replies.stop_requested(self.reply.conversation_id, self.reply.id)
             except gexc.NotFound:
                 self.gone = True
-                stop.set()
+                signals.request_stop()
                 return
             except Exception as exc:  # transient; the next tick tries again
                 logger.warning("checkpoint of %s failed: %s", self.reply.id, type(exc).__name__)
                 continue
             if requested:
-                stop.set()
+                signals.request_stop()
                 return
+
+
+class _Signals:
+    """What the producer and the watcher tell a reply's streaming loop, and the loop's one wait.
+
+    The loop sleeps in ``wait`` until its timeout (the next chunk is due, or
+    a deadline), or until ``wake``: the model finished or failed, a stop was
+    requested, or text arrived while the loop was waiting for text
+    (``on_input``) or filled a chunk. Other text is picked up when the timer
+    fires, without a wake-up per token."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self._loop = loop
+        self._waiter: asyncio.Future | None = None
+        self._wake_on_input = False
+        self.last_input = loop.time()  # the start counts as input for the idle limit
+        self.end = None  # _END or a ProviderError, once the model is done
+        self.stop_requested = False
+
+    def input_arrived(self, wake: bool) -> None:
+        self.last_input = self._loop.time()
+        if wake or self._wake_on_input:
+            self._wake()
+
+    def finish(self, end) -> None:
+        self.end = end
+        self._wake()
+
+    def request_stop(self) -> None:
+        self.stop_requested = True
+        self._wake()
+
+    async def wait(self, timeout: float, on_input: bool) -> None:
+        self._waiter = waiter = self._loop.create_future()
+        self._wake_on_input = on_input
+        timer = self._loop.call_later(timeout, self._wake)
+        try:
+            await waiter
+        finally:
+            timer.cancel()
+            self._waiter = None
+            self._wake_on_input = False
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+
+async def _cancel(*tasks: asyncio.Task) -> None:
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
