@@ -17,11 +17,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
+import sys
 import time
+from pathlib import Path
 
 import socketio
 from aiohttp import web
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import chatcore.gc_tuning  # noqa: E402
 
 
 def create_app(gc_tuning: bool = True) -> web.Application:
@@ -76,9 +81,7 @@ def create_app(gc_tuning: bool = True) -> web.Application:
             # The same GC settings as the socket service (GC_TUNING, on by
             # default), so the ratio measures auth, persistence and the bus,
             # not a runtime setting.
-            gc.collect()
-            gc.freeze()
-            gc.set_threshold(50_000, 20, 10)
+            chatcore.gc_tuning.tune()
 
     app.router.add_get("/healthz", healthz)
     app.router.add_post("/bench/emit", start_emit)

@@ -10,7 +10,6 @@ subscription.
 from __future__ import annotations
 
 import asyncio
-import gc
 import logging
 from datetime import timedelta
 
@@ -18,7 +17,7 @@ import socketio
 from aiohttp import web
 from google.cloud import firestore, storage
 
-from chatcore import protocol, topology
+from chatcore import gc_tuning, protocol, topology
 from chatcore.ai_requests import AiRequest
 from chatcore.async_pubsub_manager import AsyncGooglePubSubManager
 from chatcore.auth import TokenVerifier
@@ -117,12 +116,7 @@ def create_app(settings: Settings, *, firestore_client=None, publisher=None, sub
         await bus.start()
         app[http_api.STATE]["sweeper"] = asyncio.create_task(sweep_stale_replies())
         if settings.gc_tuning:
-            # Fewer, cheaper collections: Python's cyclic GC is the main source
-            # of latency tails under fan-out (see DESIGN.md). Objects alive
-            # after start-up are frozen out of future collections.
-            gc.collect()
-            gc.freeze()
-            gc.set_threshold(50_000, 20, 10)
+            gc_tuning.tune()
         logger.info("socket service ready on %s:%s (subscription %s)", settings.host, settings.port,
                     bus.transport.subscription_path)
 

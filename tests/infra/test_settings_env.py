@@ -72,6 +72,7 @@ DEFAULT_IN_PRODUCTION = {
         "HISTORY_BUDGET_CHARS": "application default", "HISTORY_MAX_MESSAGES": "application default",
         "PROMPT_MAX_CHARS": "application default", "FILE_TEXT_MAX_CHARS": "application default",
         "IMAGE_MAX_BYTES": "application default",
+        "GC_TUNING": "on by default",
     },
 }
 # Never in production.

@@ -58,6 +58,7 @@ class Settings:
     image_max_bytes: int
     uploads_bucket: str
     log_level: str
+    gc_tuning: bool
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides) -> Settings:
@@ -93,6 +94,7 @@ class Settings:
             image_max_bytes=env_int(env, "IMAGE_MAX_BYTES", 5 * 1024 * 1024, minimum=0),
             uploads_bucket=env_str(env, "UPLOAD_BUCKET", topology.load().uploads_bucket),
             log_level=env_choice(env, "LOG_LEVEL", "info", ("debug", "info", "warning", "error")),
+            gc_tuning=env_bool(env, "GC_TUNING", True),
         )
         settings = replace(settings, **overrides)
         settings.validate()
