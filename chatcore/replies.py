@@ -20,6 +20,7 @@ from google.cloud import firestore
 
 from . import protocol
 from .errors import NotFound
+from .group_commit import GroupCommit
 from .quotas import QUOTAS
 from .store import CHUNKS, MESSAGES, ChatStore, Message, order_key, utcnow
 
@@ -36,6 +37,8 @@ class ReplyStore:
     def __init__(self, store: ChatStore):
         self.store = store
         self.db = store.db
+        # Chunks of all the replies an instance streams are committed together.
+        self.chunk_writer = GroupCommit(self.db)
 
     def _release_quota(self, transaction_or_batch, user_id: str, reply_id: str) -> None:
         if user_id:
@@ -61,7 +64,7 @@ class ReplyStore:
 
     async def save_chunk(self, conversation_id: str, reply_id: str, seq: int, text: str) -> None:
         ref = self.store.message_ref(conversation_id, reply_id).collection(CHUNKS).document(f"{seq:010d}")
-        await ref.set({"seq": seq, "text": text})
+        await self.chunk_writer.set(ref, {"seq": seq, "text": text})
 
     async def checkpoint(self, conversation_id: str, reply_id: str, content: str, seq: int) -> bool:
         """Record progress and the heartbeat; returns True if a stop was requested."""
