@@ -66,7 +66,7 @@ import psutil  # noqa: E402
 
 from bench import wsclient  # noqa: E402
 from bench.machine import CpuMeter, code_state, machine_info  # noqa: E402
-from chatcore import gc_tuning, protocol  # noqa: E402
+from chatcore import protocol, runtime_tuning  # noqa: E402
 from chatcore.auth import issue_token  # noqa: E402
 from chatcore.store import reply_id, user_message_id  # noqa: E402
 from devstack.processes import free_port  # noqa: E402
@@ -148,8 +148,7 @@ class Instrumented:
 
         self.settings = Settings.from_env(dict(os.environ), provider="offline", log_level="warning", **overrides)
         self.rt = build_runtime(self.settings)
-        if self.settings.gc_tuning:
-            gc_tuning.tune()  # as the function's runtime() does
+        runtime_tuning.tune(self.settings.gc_tuning)  # as the function's runtime() does
         bus = self.rt.generator.bus
         real = bus.transport.publisher  # created exactly as the function creates it
         self.publisher = CountingPublisher(real)

@@ -26,7 +26,7 @@ from aiohttp import web
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import chatcore.gc_tuning  # noqa: E402
+from chatcore import runtime_tuning  # noqa: E402
 
 
 def create_app(gc_tuning: bool = True) -> web.Application:
@@ -77,11 +77,10 @@ def create_app(gc_tuning: bool = True) -> web.Application:
         return web.json_response({"status": "ok"})
 
     async def on_startup(app: web.Application) -> None:
-        if gc_tuning:
-            # The same GC settings as the socket service (GC_TUNING, on by
-            # default), so the ratio measures auth, persistence and the bus,
-            # not a runtime setting.
-            chatcore.gc_tuning.tune()
+        # The same interpreter settings as the socket service (GC_TUNING on
+        # by default), so the ratio measures auth, persistence and the bus,
+        # not a runtime setting.
+        runtime_tuning.tune(gc_tuning)
 
     app.router.add_get("/healthz", healthz)
     app.router.add_post("/bench/emit", start_emit)

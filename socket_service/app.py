@@ -17,7 +17,7 @@ import socketio
 from aiohttp import web
 from google.cloud import firestore, storage
 
-from chatcore import gc_tuning, protocol, topology
+from chatcore import protocol, runtime_tuning, topology
 from chatcore.ai_requests import AiRequest
 from chatcore.async_pubsub_manager import AsyncGooglePubSubManager
 from chatcore.auth import TokenVerifier
@@ -115,8 +115,7 @@ def create_app(settings: Settings, *, firestore_client=None, publisher=None, sub
     async def on_startup(app: web.Application) -> None:
         await bus.start()
         app[http_api.STATE]["sweeper"] = asyncio.create_task(sweep_stale_replies())
-        if settings.gc_tuning:
-            gc_tuning.tune()
+        runtime_tuning.tune(settings.gc_tuning)
         logger.info("socket service ready on %s:%s (subscription %s)", settings.host, settings.port,
                     bus.transport.subscription_path)
 

@@ -16,7 +16,7 @@ import threading
 import uuid
 from dataclasses import dataclass
 
-from chatcore import ai_requests, gc_tuning, jsonlog, topology
+from chatcore import ai_requests, jsonlog, runtime_tuning, topology
 from chatcore.errors import InvalidArgument
 from chatcore.loop_runner import LoopRunner
 from chatcore.pubsub_manager import GooglePubSubManager
@@ -66,8 +66,7 @@ def runtime() -> Runtime:
             settings = Settings.from_env()
             jsonlog.configure(settings.log_level, settings.gcp.project_id)
             _runtime = build_runtime(settings)
-            if settings.gc_tuning:
-                gc_tuning.tune()  # after the clients exist, so they are frozen too
+            runtime_tuning.tune(settings.gc_tuning)  # after the clients exist, so they are frozen too
         return _runtime
 
 
