@@ -193,10 +193,12 @@ class Instrumented:
                 self.save_seconds.append(time.perf_counter() - t)
 
         replies.save_chunk = timed_save_chunk
-        # Firestore requests of the streaming loop, by kind (the watcher's checkpoint is an update + a read).
+        # Calls of the streaming loop, by kind; the Firestore requests they made are counted by the
+        # groups that carry them (save_chunk -> chunk_writer commits, stop_requested -> stop_reader reads).
         self.store_calls = {"save_chunk": 0, "checkpoint": 0, "stop_requested": 0}
         for name in ("checkpoint", "stop_requested"):
             setattr(replies, name, self._counted(name, getattr(replies, name)))
+        self.replies = replies
 
     def _counted(self, name: str, fn):
         async def wrapper(*a, **kw):
@@ -431,6 +433,7 @@ async def concurrent_chunks(args, inst: Instrumented, receiver: Receiver, convs:
     before = len(inst.publisher.records)
     saves_before = len(inst.save_seconds)
     calls_before = dict(inst.store_calls)
+    groups_before = (inst.replies.chunk_writer.requests, inst.replies.stop_reader.requests)
     cpu = CpuMeter(groups)
     lag = inst.loop_lag()
     t0 = time.time()
@@ -438,9 +441,13 @@ async def concurrent_chunks(args, inst: Instrumented, receiver: Receiver, convs:
     wall = time.time() - t0
     lags = lag()
     calls = {k: inst.store_calls[k] - calls_before[k] for k in calls_before}
-    # Firestore requests/s while streaming: a save is one write; a checkpoint an update and a read; a stop poll a read.
-    store_rps = {"save_chunk": round(calls["save_chunk"] / wall, 1),
-                 "watcher": round((2 * calls["checkpoint"] + calls["stop_requested"]) / wall, 1)}
+    commits = inst.replies.chunk_writer.requests - groups_before[0]
+    stop_reads = inst.replies.stop_reader.requests - groups_before[1]
+    # Firestore requests/s while streaming: chunk commits (each carries the chunks that were ready),
+    # the watchers' checkpoint updates and their shared stop reads; and the calls behind them.
+    store_rps = {"chunk_commits": round(commits / wall, 1), "save_chunk_calls": round(calls["save_chunk"] / wall, 1),
+                 "checkpoints": round(calls["checkpoint"] / wall, 1), "stop_reads": round(stop_reads / wall, 1),
+                 "stop_polls": round(calls["stop_requested"] / wall, 1)}
     cpu_pct = cpu.percent()
     got = await receiver.collect(lambda m: ids <= {c[0] for c in m["completes"]}, timeout=60)
     pubs = inst.publisher.records[before:]

@@ -20,7 +20,7 @@ from google.cloud import firestore
 
 from . import protocol
 from .errors import NotFound
-from .group_commit import GroupCommit
+from .firestore_groups import GroupCommit, GroupRead
 from .quotas import QUOTAS
 from .store import CHUNKS, MESSAGES, ChatStore, Message, order_key, utcnow
 
@@ -37,8 +37,10 @@ class ReplyStore:
     def __init__(self, store: ChatStore):
         self.store = store
         self.db = store.db
-        # Chunks of all the replies an instance streams are committed together.
+        # The chunks of all the replies an instance streams are committed
+        # together, and their stop polls share reads.
         self.chunk_writer = GroupCommit(self.db)
+        self.stop_reader = GroupRead(self.db, ["stop_requested"])
 
     def _release_quota(self, transaction_or_batch, user_id: str, reply_id: str) -> None:
         if user_id:
@@ -66,15 +68,20 @@ class ReplyStore:
         ref = self.store.message_ref(conversation_id, reply_id).collection(CHUNKS).document(f"{seq:010d}")
         await self.chunk_writer.set(ref, {"seq": seq, "text": text})
 
-    async def checkpoint(self, conversation_id: str, reply_id: str, content: str, seq: int) -> bool:
-        """Record progress and the heartbeat; returns True if a stop was requested."""
+    async def checkpoint(self, conversation_id: str, reply_id: str, content: str, seq: int) -> None:
+        """Record progress and the heartbeat; ``NotFound`` once the reply was deleted."""
         ref = self.store.message_ref(conversation_id, reply_id)
         await ref.update({"content": content, "seq": seq, "heartbeat_at": utcnow()})
-        return await self.stop_requested(conversation_id, reply_id)
 
     async def stop_requested(self, conversation_id: str, reply_id: str) -> bool:
-        doc = await self.store.message_ref(conversation_id, reply_id).get(field_paths=["stop_requested"])
-        return bool(doc.exists and (doc.to_dict() or {}).get("stop_requested"))
+        """True once a stop was requested; ``NotFound`` once the reply was deleted.
+
+        Concurrent calls (every reply of an instance polls at the same
+        instants) share one Firestore read."""
+        doc = await self.stop_reader.get(self.store.message_ref(conversation_id, reply_id))
+        if not doc.exists:
+            raise gexc.NotFound(f"reply {reply_id} was deleted")
+        return bool((doc.to_dict() or {}).get("stop_requested"))
 
     async def finish(self, reply: Message, status: str, content: str, seq: int,
                      error: dict | None = None) -> Message:

@@ -97,3 +97,32 @@ async def test_resume_on_another_instance_has_no_gap_and_no_duplicate(api, servi
     for _ in range(12):
         mid_stream += await _resume_once(api, service, service_b, make_token, clients, rng.uniform(0.05, 1.2))
     assert mid_stream >= 8, "most repetitions must resume from a mid-reply snapshot"
+
+
+async def test_deleting_the_conversation_mid_reply_stops_it_and_leaves_no_chunks(api, service, make_token, clients,
+                                                                                firestore_db):
+    token = make_token(new_user())
+    conv = await api.create_conversation(token)
+    alice = await clients(service, token)
+    assert (await alice.call("join_room", {"conversation_id": conv["id"]}))["ok"]
+    await alice.call("send_message", {"conversation_id": conv["id"], "message": "/stream 5000"})
+    reply_id = (await alice.wait_for("ai_thinking"))["message_id"]
+    await alice.wait_for("ai_response_chunk", lambda c: c["seq"] >= 3, timeout=20)
+    status, body = await api.request("DELETE", f"/api/conversations/{conv['id']}", token)
+    assert status in (200, 204), body
+    reply = firestore_db.collection("conversations").document(conv["id"]).collection("messages").document(reply_id)
+
+    # The watcher notices the deletion within about a second; the function stops streaming and
+    # removes the chunks it wrote after the conversation was deleted.
+    def chunks_left() -> int:
+        return len(list(reply.collection("chunks").list_documents()))
+
+    for _ in range(40):
+        await asyncio.sleep(0.25)
+        if chunks_left() == 0 and not reply.get().exists:
+            break
+    await asyncio.sleep(1.5)  # whatever was in flight has landed by now
+    assert chunks_left() == 0 and not reply.get().exists
+    count = len(alice.received("ai_response_chunk"))
+    await asyncio.sleep(1.0)
+    assert len(alice.received("ai_response_chunk")) == count, "no chunks after the reply was discarded"

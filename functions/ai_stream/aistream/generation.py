@@ -255,31 +255,36 @@ class _ReplyRun:
             await asyncio.sleep(wait)
 
     async def _watch(self, signals: _Signals) -> None:
-        """Checkpoint about once per interval and notice stop requests."""
+        """Look for a stop request at every poll and checkpoint about once per interval.
+
+        Every reply of the instance polls at the same instants (multiples of
+        the poll interval on the loop's clock), so their reads share one
+        Firestore request (``ReplyStore.stop_requested``)."""
         loop = asyncio.get_running_loop()
         poll = self.settings.stop_poll_interval_ms / 1000
         every = self.settings.checkpoint_interval_ms / 1000
         last_checkpoint = loop.time()
+        replies, conversation_id, reply_id = self.gen.replies, self.reply.conversation_id, self.reply.id
         while True:
-            await asyncio.sleep(poll)
+            await asyncio.sleep(poll - loop.time() % poll)
             try:
                 if loop.time() - last_checkpoint >= every:
                     last_checkpoint = loop.time()
-                    requested = await self.gen.replies.checkpoint(
-                        self.reply.conversation_id, self.reply.id, self.progress.content, self.progress.seq)
+                    requested, _ = await asyncio.gather(
+                        replies.stop_requested(conversation_id, reply_id),
+                        replies.checkpoint(conversation_id, reply_id, self.progress.content, self.progress.seq))
                 else:
-                    requested = await self.gen.replies.stop_requested(self.reply.conversation_id, self.reply.id)
+                    requested = await replies.stop_requested(conversation_id, reply_id)
             except gexc.NotFound:
                 self.gone = True
                 signals.request_stop()
                 return
             except Exception as exc:  # transient; the next tick tries again
-                logger.warning("checkpoint of %s failed: %s", self.reply.id, type(exc).__name__)
+                logger.warning("checkpoint of %s failed: %s", reply_id, type(exc).__name__)
                 continue
             if requested:
                 signals.request_stop()
                 return
-
 
 class _Signals:
     """What the producer and the watcher tell a reply's streaming loop, and the loop's one wait.
