@@ -148,7 +148,8 @@ class Instrumented:
 
         self.settings = Settings.from_env(dict(os.environ), provider="offline", log_level="warning", **overrides)
         self.rt = build_runtime(self.settings)
-        runtime_tuning.tune(self.settings.gc_tuning)  # as the function's runtime() does
+        # As the function's runtime() does.
+        runtime_tuning.tune(self.settings.gc_tuning, switch_interval=runtime_tuning.SHORT_SWITCH_INTERVAL_SECONDS)
         bus = self.rt.generator.bus
         real = bus.transport.publisher  # created exactly as the function creates it
         self.publisher = CountingPublisher(real)
@@ -684,8 +685,11 @@ async def first_chunk(args, stack: Stack, url: str, inst: Instrumented, convs: l
             ack = await s.conn.call("join_room", {"conversation_id": s.conv["id"]})
             if not ack or not ack.get("ok"):
                 raise RuntimeError(f"join_room refused: {ack}")
-        # Warm-up (not counted): the function builds its runtime on its first request.
-        warm = [await senders[0].send(args.first_message, timeout=60) for _ in range(args.warmup_sends)]
+        # Warm-up (not counted): the function builds its runtime on its first request, and the
+        # emulator JVMs are several times slower until their JIT has seen some traffic
+        # (bench/emulator_capacity.py); the sends rotate over the conversations as the runs do.
+        warm = [await senders[i % len(senders)].send(args.first_message, timeout=60)
+                for i in range(args.warmup_sends)]
         out["warmup_first_chunk_ms"] = [round(w["first_chunk"] * 1000, 1) for w in warm]
         groups = {"socket_service": [pids["socket"]], "ai_function": [pids["function"]],
                   "bench(clients)": [os.getpid()], "emulators": pids["emulators"]}
@@ -1184,7 +1188,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=2, help="part 2: (bus alone, chunks) pairs")
     p.add_argument("--warmup-repeats", type=int, default=2, help="part 2: unmeasured chunk runs first")
     p.add_argument("--first-message", default="/stream 20", help="part 3: the message sent")
-    p.add_argument("--warmup-sends", type=int, default=3)
+    p.add_argument("--warmup-sends", type=int, default=40, help="part 3: unmeasured sends first")
     p.add_argument("--sequential-sends", type=int, default=40)
     p.add_argument("--sequential-repeats", type=int, default=2)
     p.add_argument("--concurrency", type=lambda v: [int(x) for x in v.split(",") if x], default=[2, 10],

@@ -22,9 +22,11 @@ the emulators on ``--emulator-core`` (0) and this process, the client, alone on
    and user (no contention), for ``--seconds``: transactions/s and CPU per
    transaction, emulator and client. The quota document is read and written
    as in production; its replies count as ended after a second.
-3. **Firestore chunk writes**: ``ReplyStore.save_chunk`` (one document set per
-   chunk, what the AI function does ten times a second per reply),
-   ``--chunk-concurrency`` writers at a time: writes/s and CPU per write.
+3. **Firestore chunk writes** (what the AI function does ten times a second
+   per reply), ``--chunk-concurrency`` writers at a time: writes/s and CPU per
+   write, first one commit per write (a plain ``set``), then through
+   ``ReplyStore.save_chunk``, whose ``GroupCommit`` lets writes that arrive
+   while a commit runs share the next one.
 
 Every measurement runs ``--rounds`` times (the JVMs speed up as they warm up);
 all rounds are reported.
@@ -166,17 +168,30 @@ async def firestore_parts(stack: Stack, a: argparse.Namespace) -> dict:
                   f"core), client {row['client_ms_cpu_per_transaction']} ms, {failed} failed", flush=True)
 
     seqs = [0] * most
+
+    def chunk_ref(i: int):
+        seqs[i] += 1
+        return store.message_ref(conversations[i], "capacity-reply").collection("chunks").document(f"{seqs[i]:010d}")
+
+    async def alone(i: int) -> None:
+        await chunk_ref(i).set({"seq": seqs[i], "text": "word " * 8})
+
+    async def grouped(i: int) -> None:
+        seqs[i] += 1
+        await replies.save_chunk(conversations[i], "capacity-reply", seqs[i], "word " * 8)
+
     for _ in range(a.rounds):
-        async def chunk(i: int) -> None:
-            seqs[i] += 1
-            await replies.save_chunk(conversations[i], "capacity-reply", seqs[i], "word " * 8)
-        with Meter(stack, "firestore-emulator") as meter:
-            done, failed = await for_seconds(a.seconds, a.chunk_concurrency, chunk)
-        row = {"concurrency": a.chunk_concurrency, **meter.figures(done, "write"), "failed": failed}
-        out["save_chunk"].append(row)
-        print(f"  save_chunk, {a.chunk_concurrency} at a time: {row['writes_per_s']}/s, emulator "
-              f"{row['emulator_ms_cpu_per_write']} ms CPU each ({row['emulator_core_percent']}% of its core), "
-              f"client {row['client_ms_cpu_per_write']} ms, {failed} failed", flush=True)
+        for way, write in (("one commit per write", alone), ("save_chunk (grouped commits)", grouped)):
+            commits_before = replies.chunk_writer.requests
+            with Meter(stack, "firestore-emulator") as meter:
+                done, failed = await for_seconds(a.seconds, a.chunk_concurrency, write)
+            commits = replies.chunk_writer.requests - commits_before if write is grouped else done
+            row = {"way": way, "concurrency": a.chunk_concurrency, **meter.figures(done, "write"),
+                   "commits": commits, "failed": failed}
+            out["save_chunk"].append(row)
+            print(f"  chunks, {way}, {a.chunk_concurrency} writers: {row['writes_per_s']}/s in {commits} commits, "
+                  f"emulator {row['emulator_ms_cpu_per_write']} ms CPU each ({row['emulator_core_percent']}% of its "
+                  f"core), client {row['client_ms_cpu_per_write']} ms, {failed} failed", flush=True)
     db.close()
     return out
 

@@ -1,20 +1,19 @@
 """Interpreter settings for long-running, latency-sensitive processes: the GC and the GIL.
 
-Both the socket service and the AI function run one busy asyncio loop next to
-threads that do I/O for it (the room bus's Pull loop, the Pub/Sub sender
-threads). Two interpreter defaults hurt their latency tails:
-
-- **the cyclic garbage collector** (DESIGN.md: at 5k deliveries/s, p99 119 ms
-  with the defaults, 5 ms tuned). ``gc.freeze()`` after start-up moves every
-  object alive then out of the collector's reach, and higher thresholds make
-  collections fewer. Switched by ``GC_TUNING`` (on by default).
-- **the GIL switch interval** (5 ms by default): a thread whose RPC has
-  returned waits up to that long, more than once per RPC, while the loop
-  holds the GIL. With 50 replies streaming in one process, 0.5 ms cut the
-  p99 from chunk emit to publish acknowledgement from 110-270 ms to 55-110 ms
-  (docs/PERFORMANCE.md). Always applied.
-
-bench/bare_app.py calls ``tune()`` too, so the benchmarks compare like with like.
+- **The cyclic garbage collector** is the usual source of latency tails
+  (DESIGN.md: at 5k deliveries/s, p99 119 ms with the defaults, 5 ms tuned).
+  ``gc.freeze()`` after start-up moves every object alive then out of the
+  collector's reach, and higher thresholds make collections fewer. The socket
+  service and the AI function do this unless ``GC_TUNING=0``;
+  bench/bare_app.py does it too, so the benchmarks compare like with like.
+- **The GIL switch interval** (5 ms by default). The AI function runs one busy
+  asyncio loop next to the Pub/Sub sender threads: a sender whose RPC has
+  returned waits up to 5 ms for the GIL, more than once per RPC. With 50
+  replies streaming in one process, 0.5 ms cut the p99 from chunk emit to
+  publish acknowledgement from 110-270 ms to 55-110 ms. The socket service
+  does *not* shorten it: there, room fan-out fell by a fifth with 0.5 ms (the
+  bare app on the same core: 12,955 -> 10,289 deliveries/s), so the AI
+  function alone passes ``SHORT_SWITCH_INTERVAL_SECONDS`` (docs/PERFORMANCE.md).
 """
 
 from __future__ import annotations
@@ -23,12 +22,13 @@ import gc
 import sys
 
 GC_THRESHOLDS = (50_000, 20, 10)
-SWITCH_INTERVAL_SECONDS = 0.0005
+SHORT_SWITCH_INTERVAL_SECONDS = 0.0005
 
 
-def tune(gc_tuning: bool = True) -> None:
+def tune(gc_tuning: bool = True, switch_interval: float | None = None) -> None:
     """Call once, after start-up (clients created), so what exists then is frozen."""
-    sys.setswitchinterval(SWITCH_INTERVAL_SECONDS)
+    if switch_interval is not None:
+        sys.setswitchinterval(switch_interval)
     if gc_tuning:
         gc.collect()
         gc.freeze()

@@ -66,7 +66,8 @@ def runtime() -> Runtime:
             settings = Settings.from_env()
             jsonlog.configure(settings.log_level, settings.gcp.project_id)
             _runtime = build_runtime(settings)
-            runtime_tuning.tune(settings.gc_tuning)  # after the clients exist, so they are frozen too
+            # After the clients exist, so they are frozen too.
+            runtime_tuning.tune(settings.gc_tuning, switch_interval=runtime_tuning.SHORT_SWITCH_INTERVAL_SECONDS)
         return _runtime
 
 
