@@ -11,9 +11,11 @@
   returned waits up to 5 ms for the GIL, more than once per RPC. With 50
   replies streaming in one process, 0.5 ms cut the p99 from chunk emit to
   publish acknowledgement from 110-270 ms to 55-110 ms. The socket service
-  does *not* shorten it: there, room fan-out fell by a fifth with 0.5 ms (the
-  bare app on the same core: 12,955 -> 10,289 deliveries/s), so the AI
-  function alone passes ``SHORT_SWITCH_INTERVAL_SECONDS`` (docs/PERFORMANCE.md).
+  keeps Python's default: its one extra thread (the bus's Pull loop) wakes
+  once per batch, and the one A/B run on the bare app (fan-out on one core,
+  12,955 deliveries/s at 5 ms vs 10,289 at 0.5 ms) pointed the other way, on
+  a machine whose speed varied by a quarter within the hour. So only the AI
+  function passes ``SHORT_SWITCH_INTERVAL_SECONDS`` (docs/PERFORMANCE.md).
 """
 
 from __future__ import annotations
