@@ -92,6 +92,7 @@ class CpuMeter:
         # "ours": this process and everything it started, to tell other people's load apart.
         self.groups = {**groups, "ours": [-os.getpid()]}
         self.start = {name: cpu_seconds(pids) for name, pids in self.groups.items()}
+        self.reaped = reaped_children_cpu()
         self.cores = psutil.cpu_times(percpu=True)
         self.t0 = time.perf_counter()
 
@@ -100,6 +101,9 @@ class CpuMeter:
         wall = time.perf_counter() - self.t0
         out = {name: round(100 * (cpu_seconds(pids) - self.start[name]) / wall, 1)
                for name, pids in self.groups.items()}
+        # Children that ended during the phase (the bus probes) are no longer among the
+        # live descendants; their CPU is still ours.
+        out["ours"] = round(out["ours"] + 100 * (reaped_children_cpu() - self.reaped) / wall, 1)
         busy = 0.0
         for n, (before, after) in enumerate(zip(self.cores, psutil.cpu_times(percpu=True), strict=True)):
             idle = (after.idle + after.iowait) - (before.idle + before.iowait)
@@ -108,6 +112,12 @@ class CpuMeter:
             busy += out[f"core{n}"]
         out["others"] = round(max(0.0, busy - out["ours"]), 1)
         return out
+
+
+def reaped_children_cpu() -> float:
+    """CPU seconds of this process's children that have ended and been waited for."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def others_cpu(seconds: float = 3.0) -> float:
