@@ -171,5 +171,5 @@ class Subscriber(OnClientChannel):
             except grpc.RpcError as exc:
                 if exc.code() not in TRANSIENT and exc.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
                     break
-                time.sleep(0.05 * 2 ** attempt)
+                time.sleep(backoff(attempt, 0.05, 0.2))
         logger.warning("could not acknowledge %d bus messages; they may arrive twice", len(ack_ids))
