@@ -198,6 +198,9 @@ class Stack:
                 base = (push_endpoints or {}).get(sub.target)
                 if base is None:
                     continue
+                # The path names the topic, so functions-framework builds the
+                # CloudEvent `source` exactly as Eventarc does in production.
+                endpoint = f"{base}/projects/{self.project_id}/topics/{sub.topic}"
                 request = {
                     "name": subscriber.subscription_path(self.project_id, sub.name),
                     "topic": publisher.topic_path(self.project_id, sub.topic),
@@ -207,7 +210,7 @@ class Stack:
                         "max_delivery_attempts": sub.max_delivery_attempts},
                 }
                 if sub.target not in LOCAL_PUSH_RELAYED:
-                    request["push_config"] = {"push_endpoint": self.push_endpoint(base, sub)}
+                    request["push_config"] = {"push_endpoint": endpoint}
                 try:
                     subscriber.create_subscription(request=request)
                 except gexc.AlreadyExists:
@@ -257,18 +260,13 @@ class Stack:
         self.start_push_relay("ai_stream", f"http://127.0.0.1:{port}", name=f"{name}-push-relay")
         return proc
 
-    def push_endpoint(self, base: str, sub) -> str:
-        """The URL a push subscription (or the relay) POSTs to. The path names the topic, so
-        functions-framework builds the CloudEvent `source` exactly as Eventarc does in production."""
-        return f"{base}/projects/{self.project_id}/topics/{sub.topic}"
-
     def start_push_relay(self, target: str, base: str, name: str) -> Managed:
         """devstack/push_relay.py for the push subscription feeding ``target`` (see LOCAL_PUSH_RELAYED)."""
         (sub,) = [s for s in topology.load().push_subscriptions if s.target == target]
         port = free_port()
         proc = Managed(name, [sys.executable, "-m", "devstack.push_relay",
                               "--subscription", f"projects/{self.project_id}/subscriptions/{sub.name}",
-                              "--endpoint", self.push_endpoint(base, sub),
+                              "--endpoint", f"{base}/projects/{self.project_id}/topics/{sub.topic}",
                               "--timeout", str(sub.ack_deadline_seconds), "--port", str(port)], port,
                        env={**self.emulator_env, "PYTHONPATH": str(ROOT)},
                        log_path=self.log_dir / f"{name}-{port}.log")
