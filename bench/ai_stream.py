@@ -72,6 +72,7 @@ from chatcore.store import reply_id, user_message_id  # noqa: E402
 from devstack.processes import free_port  # noqa: E402
 from devstack.stack import Ports, Stack, check_prerequisites  # noqa: E402
 
+EMULATORS = ("firestore", "pubsub")  # CPU is reported per emulator: they cost very differently
 RESULTS = ROOT / "bench" / "results"
 PY = sys.executable
 PROBE_EVENT = "ai_bench_probe"
@@ -503,7 +504,7 @@ async def chunk_latency(args, stack: Stack, receiver: Receiver, convs: list[dict
                         profile=lambda label, seconds: None) -> dict:
     inst = await asyncio.to_thread(Instrumented, offline_token_delay_ms=args.conc_token_ms)
     groups = {"bench(generator)": [os.getpid()], "socket_service": [pids["socket"]],
-              "receiver": [receiver.pid()], "emulators": pids["emulators"]}
+              "receiver": [receiver.pid()], **{name: pids[name] for name in EMULATORS}}
     runs = []
     nominal = None
     try:
@@ -578,7 +579,7 @@ async def drain_experiment(args, stack: Stack, receiver: Receiver, convs: list[d
 
     inst = await asyncio.to_thread(Instrumented, offline_token_delay_ms=args.conc_token_ms)
     groups = {"bench(generator)": [os.getpid()], "socket_service": [pids["socket"]],
-              "receiver": [receiver.pid()], "emulators": pids["emulators"]}
+              "receiver": [receiver.pid()], **{name: pids[name] for name in EMULATORS}}
     try:
         generation.asyncio = _AsyncioWithDrainingQueue()
         try:
@@ -692,7 +693,7 @@ async def first_chunk(args, stack: Stack, url: str, inst: Instrumented, convs: l
                 for i in range(args.warmup_sends)]
         out["warmup_first_chunk_ms"] = [round(w["first_chunk"] * 1000, 1) for w in warm]
         groups = {"socket_service": [pids["socket"]], "ai_function": [pids["function"]],
-                  "bench(clients)": [os.getpid()], "emulators": pids["emulators"]}
+                  "bench(clients)": [os.getpid()], **{name: pids[name] for name in EMULATORS}}
 
         runs = []
         for rep in range(args.sequential_repeats):
@@ -1083,7 +1084,8 @@ async def amain(args: argparse.Namespace) -> int:
         fn_proc = await asyncio.to_thread(stack.start_ai_function, None, "ai-stream", OFFLINE_TOKEN_DELAY_MS="0",
                                           LOG_LEVEL="warning")
         pids = {"socket": socket_proc.proc.pid, "function": fn_proc.proc.pid,
-                "emulators": [-p.proc.pid for p in stack.processes if p.name.endswith("emulator") and p.proc]}
+                **{name: [-p.proc.pid for p in stack.processes if p.name == f"{name}-emulator" and p.proc]
+                   for name in EMULATORS}}
         # functions-framework runs gunicorn: the worker is a child of the pid we started.
         fn_children = psutil.Process(fn_proc.proc.pid).children(recursive=True)
         if fn_children:
