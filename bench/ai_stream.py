@@ -37,9 +37,8 @@ Parts, in the order they run:
    write-only manager emits a probe event to the same rooms, received by the same clients,
    at the nominal rate (``--replies`` x ``--probe-rate``) once and, after each of the
    ``--repeats`` chunk runs, at the message rate that run actually produced. Each latency
-   is split at the moment Pub/Sub acknowledged the publish. Then an experiment
-   (``--skip-experiments``) re-runs the chunks with the generator's token queue drained
-   before each flush, by a bench-local shim; the code under test is not changed.
+   is split at the moment Pub/Sub acknowledged the publish. The generator process's CPU
+   is also given per thread (the event loop, the Pub/Sub sender threads, gRPC's own).
 """
 
 from __future__ import annotations
@@ -65,7 +64,7 @@ sys.path.insert(0, str(ROOT / "functions" / "ai_stream"))
 import psutil  # noqa: E402
 
 from bench import wsclient  # noqa: E402
-from bench.machine import CpuMeter, code_state, machine_info  # noqa: E402
+from bench.machine import CpuMeter, ThreadCpu, code_state, machine_info  # noqa: E402
 from chatcore import protocol, runtime_tuning  # noqa: E402
 from chatcore.auth import issue_token  # noqa: E402
 from chatcore.store import reply_id, user_message_id  # noqa: E402
@@ -437,6 +436,7 @@ async def concurrent_chunks(args, inst: Instrumented, receiver: Receiver, convs:
     calls_before = dict(inst.store_calls)
     groups_before = (inst.replies.chunk_writer.requests, inst.replies.stop_reader.requests)
     cpu = CpuMeter(groups)
+    threads = ThreadCpu()
     lag = inst.loop_lag()
     t0 = time.time()
     statuses = await run_replies(inst, requests, timeout=args.conc_words * args.conc_token_ms / 1000 * 10 + 120)
@@ -451,6 +451,7 @@ async def concurrent_chunks(args, inst: Instrumented, receiver: Receiver, convs:
                  "checkpoints": round(calls["checkpoint"] / wall, 1), "stop_reads": round(stop_reads / wall, 1),
                  "stop_polls": round(calls["stop_requested"] / wall, 1)}
     cpu_pct = cpu.percent()
+    thread_pct = threads.percent()
     got = await receiver.collect(lambda m: ids <= {c[0] for c in m["completes"]}, timeout=60)
     pubs = inst.publisher.records[before:]
     lat, splits, missing, emitted = [], [], 0, 0
@@ -488,7 +489,7 @@ async def concurrent_chunks(args, inst: Instrumented, receiver: Receiver, convs:
          "chunks_per_reply": round(emitted / max(1, len(requests)), 1),
          "chars_per_chunk_p50": pct(chars, 0.5),
          "loop_lag": ms(lags), "firestore_requests_per_s": store_rps,
-         "cpu_percent": cpu_pct, "load": load(), "latencies": lat}
+         "cpu_percent": cpu_pct, "generator_threads_cpu_percent": thread_pct, "load": load(), "latencies": lat}
     print(f"  [{label}] {r['replies']} replies {r['statuses']} in {wall:.1f}s, {emitted} chunks "
           f"({missing} missing), {r['bus_messages_per_s']} bus msgs/s: p50 {r['p50_ms']} ms, p99 {r['p99_ms']} ms, "
           f"max {r['max_ms']} ms (emit->publish acked p99 {r['emit_to_publish_acked']['p99_ms']} ms, acked->received "
@@ -496,7 +497,8 @@ async def concurrent_chunks(args, inst: Instrumented, receiver: Receiver, convs:
           f"p99 {r['save_chunk']['p99_ms']} ms; {r['chunks_per_reply']} chunks/reply of "
           f"{r['chars_per_chunk_p50']} chars (p50); stream {r['stream_seconds']} s vs nominal "
           f"{r['nominal_stream_seconds']} s; loop lag p50 {r['loop_lag']['p50_ms']} ms p99 {r['loop_lag']['p99_ms']} "
-          f"ms; Firestore req/s {store_rps}; cpu {cpu_pct}; load {r['load']}", flush=True)
+          f"ms; Firestore req/s {store_rps}; cpu {cpu_pct} (generator threads {thread_pct}); load {r['load']}",
+          flush=True)
     return r
 
 
@@ -537,63 +539,6 @@ async def chunk_latency(args, stack: Stack, receiver: Receiver, convs: list[dict
                 v.pop("latencies", None)
     return {"replies": len(convs), "words": args.conc_words, "token_delay_ms": args.conc_token_ms,
             "bus_nominal_rate": nominal, "runs": runs, "bus_pooled": ms(bus_all), "chunks_pooled": ms(chunk_all)}
-
-
-class _DrainingQueue(asyncio.Queue):
-    """Experiment: ``get()`` returns every text item already queued, joined, so the generator
-    coalesces what arrived while it was storing the previous chunk (a sentinel or error is kept
-    for the next ``get``). Installed only by ``drain_experiment``; the code under test is not changed."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._held = None
-
-    async def get(self):
-        if self._held is not None:
-            item, self._held = self._held, None
-            return item
-        item = await super().get()
-        if not isinstance(item, str):
-            return item
-        parts = [item]
-        while not self.empty():
-            nxt = self.get_nowait()
-            if isinstance(nxt, str):
-                parts.append(nxt)
-            else:
-                self._held = nxt
-                break
-        return "".join(parts)
-
-
-class _AsyncioWithDrainingQueue:
-    Queue = _DrainingQueue
-
-    def __getattr__(self, name):
-        return getattr(asyncio, name)
-
-
-async def drain_experiment(args, stack: Stack, receiver: Receiver, convs: list[dict], pids: dict) -> dict:
-    """Part 2's chunk run again, with the generator draining its token queue before each flush."""
-    from aistream import generation
-
-    inst = await asyncio.to_thread(Instrumented, offline_token_delay_ms=args.conc_token_ms)
-    groups = {"bench(generator)": [os.getpid()], "socket_service": [pids["socket"]],
-              "receiver": [receiver.pid()], **{name: pids[name] for name in EMULATORS}}
-    try:
-        generation.asyncio = _AsyncioWithDrainingQueue()
-        try:
-            print("  [experiment: drain the token queue before each flush]", flush=True)
-            chunks = await concurrent_chunks(args, inst, receiver, convs, groups)
-        finally:
-            generation.asyncio = asyncio
-        rate = max(1.0, chunks["bus_messages_per_s"]) / len(convs)
-        bus = await bus_alone(args, inst, receiver, convs, groups, rate, args.probe_seconds, "same rate")
-    finally:
-        await asyncio.to_thread(inst.close)
-    chunks.pop("latencies")
-    bus.pop("latencies")
-    return {"chunks": chunks, "bus": bus}
 
 
 # -- part 3: send_message -> first chunk over the full path ------------------------------
@@ -1004,10 +949,6 @@ def table(results: dict) -> str:
             rows.append(bus_row(f"repeat {i}", r["bus"]))
         rows.append(f"| pooled: chunks / bus alone at the same rate | p99 {p2['chunks_pooled']['p99_ms']} / "
                     f"{p2['bus_pooled']['p99_ms']} ms |")
-    ex = results.get("drain_experiment")
-    if ex:
-        rows.append(chunk_row("experiment, queue drained before each flush", ex["chunks"]))
-        rows.append(bus_row("experiment", ex["bus"]))
     p3 = results.get("first_chunk")
     if p3:
         for s in p3["runs"]:
@@ -1133,8 +1074,6 @@ async def amain(args: argparse.Namespace) -> int:
             results["chunk_latency"] = await chunk_latency(args, stack, receiver, conc_convs, pids,
                                                            profile_fn({**pids, "generator": os.getpid()},
                                                                       ("generator", "socket")))
-            if not args.skip_experiments:
-                results["drain_experiment"] = await drain_experiment(args, stack, receiver, conc_convs, pids)
         receiver.stop()
         if not args.skip_diagnostics and not (args.skip_messages and args.skip_latency):
             print("part 4 again, after parts 1-2 stored their chunks", flush=True)
@@ -1208,8 +1147,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--skip-latency", action="store_true")
     p.add_argument("--skip-first-chunk", action="store_true")
     p.add_argument("--skip-diagnostics", action="store_true")
-    p.add_argument("--skip-experiments", action="store_true",
-                   help="skip part 2's re-run with the token queue drained before each flush")
     p.add_argument("--max-minutes", type=float, default=12.0, help="hard limit of the whole run")
     return p.parse_args(argv)
 

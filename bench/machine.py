@@ -5,7 +5,9 @@ from __future__ import annotations
 import datetime as dt
 import os
 import platform
+import re
 import subprocess
+import threading
 import time
 from importlib.metadata import PackageNotFoundError, version
 
@@ -73,6 +75,32 @@ class CpuMeter:
         wall = time.perf_counter() - self.t0
         return {name: round(100 * (cpu_seconds(pids) - self.start[name]) / wall, 1)
                 for name, pids in self.groups.items()}
+
+
+class ThreadCpu:
+    """CPU use of this process's threads over a phase, in % of one core, by thread name.
+
+    Python threads are named through ``threading`` (digits in names are
+    folded, so a pool's threads add up); threads Python does not know
+    (gRPC's own, for instance) count as ``native``."""
+
+    def __init__(self):
+        self.start = self._seconds()
+        self.t0 = time.perf_counter()
+
+    @staticmethod
+    def _seconds() -> dict[int, float]:
+        return {t.id: t.user_time + t.system_time for t in psutil.Process().threads()}
+
+    def percent(self) -> dict[str, float]:
+        wall = time.perf_counter() - self.t0
+        names = {t.native_id: re.sub(r"\d+", "#", t.name) for t in threading.enumerate()}
+        used: dict[str, float] = {}
+        for tid, seconds in self._seconds().items():
+            name = names.get(tid, "native")
+            used[name] = used.get(name, 0.0) + seconds - self.start.get(tid, 0.0)
+        return {name: round(100 * seconds / wall, 1)
+                for name, seconds in sorted(used.items(), key=lambda kv: -kv[1]) if seconds / wall >= 0.005}
 
 
 def code_state() -> dict:

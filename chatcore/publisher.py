@@ -60,24 +60,87 @@ class _Queue:
 
     def __init__(self):
         self.waiting: deque = deque()
-        self.busy = False  # an RPC of this key is in flight, or the key is in the ready queue
+        self.busy = False  # an RPC of this key is in flight, or the key is waiting for a sender
 
 
-class Publisher(OnClientChannel):
+class KeyedBatches:
+    """What both publishers share: per-key queues, batch limits, the request, the retry rule, the futures.
+
+    ``Publisher`` (sender threads) and ``chatcore.async_publisher.AsyncPublisher``
+    (one asyncio loop) only decide who sends a key's next batch and how they
+    wait; the thread one calls these methods with its lock held."""
+
+    def __init__(self, rpc_timeout: float, retry_deadline: float, initial_backoff: float, max_backoff: float):
+        self.rpc_timeout = rpc_timeout
+        self.retry_deadline = retry_deadline
+        self.initial_backoff = initial_backoff
+        self.max_backoff = max_backoff
+        self._queues: dict[tuple[str, str], _Queue] = {}
+
+    def _enqueue(self, key: tuple[str, str], item: tuple) -> bool:
+        """Queue ``(data, attributes, future)``; True if the key was idle and now needs a sender."""
+        queue = self._queues.get(key)
+        if queue is None:
+            queue = self._queues[key] = _Queue()
+        queue.waiting.append(item)
+        if queue.busy:  # it goes out with the key's next RPC
+            return False
+        queue.busy = True
+        return True
+
+    def _next_batch(self, key: tuple[str, str]) -> list:
+        queue = self._queues[key]
+        batch, size = [], 0
+        while queue.waiting and len(batch) < MAX_BATCH_MESSAGES:
+            item_size = len(queue.waiting[0][0])
+            if batch and size + item_size > MAX_BATCH_BYTES:
+                break
+            batch.append(queue.waiting.popleft())
+            size += item_size
+        return batch
+
+    def _key_done(self, key: tuple[str, str]) -> bool:
+        """After a key's RPC: True if more is waiting (the key stays busy), else forget the key."""
+        if self._queues[key].waiting:
+            return True
+        del self._queues[key]  # one entry per room would otherwise pile up
+        return False
+
+    @staticmethod
+    def _request(key: tuple[str, str], batch: list):
+        topic, ordering_key = key
+        request = _REQUEST(topic=topic, messages=[
+            _MESSAGE(data=data, ordering_key=ordering_key, attributes=attributes) for data, attributes, _ in batch])
+        metadata = (("x-goog-request-params", f"topic={quote(topic, safe='')}"),)
+        return request, metadata
+
+    def _retry_delay(self, exc: grpc.RpcError, attempt: int, deadline: float) -> float | None:
+        """Seconds before retry ``attempt``, or None: the error is permanent or the deadline is near."""
+        delay = backoff(attempt, self.initial_backoff, self.max_backoff)
+        if exc.code() not in RETRYABLE or time.monotonic() + delay >= deadline:
+            return None
+        return delay
+
+    @staticmethod
+    def _settle(batch: list, message_ids: list[str], error: BaseException | None) -> None:
+        for i, (_, _, future) in enumerate(batch):
+            if error is not None:
+                future.set_exception(error)
+            else:
+                future.set_result(message_ids[i] if i < len(message_ids) else "")
+
+
+class Publisher(KeyedBatches, OnClientChannel):
     client_class_name = "PublisherClient"
 
     def __init__(self, client=None, *, channel: grpc.Channel | None = None, max_in_flight: int = 16,
                  rpc_timeout: float = 60.0, retry_deadline: float = 60.0, initial_backoff: float = 0.1,
                  max_backoff: float = 5.0, idle_worker_seconds: float = 60.0):
-        super().__init__(client, channel)
+        KeyedBatches.__init__(self, rpc_timeout, retry_deadline, initial_backoff, max_backoff)
+        OnClientChannel.__init__(self, client, channel)
         self.max_in_flight = max_in_flight
-        self.rpc_timeout = rpc_timeout
-        self.retry_deadline = retry_deadline
-        self.initial_backoff = initial_backoff
-        self.max_backoff = max_backoff
         self.idle_worker_seconds = idle_worker_seconds
         self._cond = threading.Condition()
-        self._queues: dict[tuple[str, str], _Queue] = {}
         self._ready: deque = deque()  # keys with waiting messages and no RPC in flight
         self._workers = 0
         self._idle = 0  # workers waiting for work and not yet woken
@@ -92,12 +155,7 @@ class Publisher(OnClientChannel):
         future: Future = Future()
         key = (topic, ordering_key)
         with self._cond:
-            queue = self._queues.get(key)
-            if queue is None:
-                queue = self._queues[key] = _Queue()
-            queue.waiting.append((data, attributes, future))
-            if not queue.busy:  # otherwise it goes out with the key's next RPC
-                queue.busy = True
+            if self._enqueue(key, (data, attributes, future)):
                 self._make_ready(key)
         return future
 
@@ -124,38 +182,16 @@ class Publisher(OnClientChannel):
                         self._workers -= 1
                         return
                 key = self._ready.popleft()
-                batch = self._take(self._queues[key])
+                batch = self._next_batch(key)
             message_ids, error = self._send(key, batch)
             with self._cond:
-                queue = self._queues[key]
-                if queue.waiting:
+                if self._key_done(key):
                     self._make_ready(key)
-                else:
-                    queue.busy = False
-                    del self._queues[key]  # one entry per room would otherwise pile up
-            for i, (_, _, future) in enumerate(batch):
-                if error is not None:
-                    future.set_exception(error)
-                else:
-                    future.set_result(message_ids[i] if i < len(message_ids) else "")
-
-    @staticmethod
-    def _take(queue: _Queue) -> list:
-        batch, size = [], 0
-        while queue.waiting and len(batch) < MAX_BATCH_MESSAGES:
-            item_size = len(queue.waiting[0][0])
-            if batch and size + item_size > MAX_BATCH_BYTES:
-                break
-            batch.append(queue.waiting.popleft())
-            size += item_size
-        return batch
+            self._settle(batch, message_ids, error)
 
     def _send(self, key: tuple[str, str], batch: list) -> tuple[list[str], BaseException | None]:
         """One batch, retried while the error is transient: ``(message_ids, error)``."""
-        topic, ordering_key = key
-        request = _REQUEST(topic=topic, messages=[
-            _MESSAGE(data=data, ordering_key=ordering_key, attributes=attributes) for data, attributes, _ in batch])
-        metadata = (("x-goog-request-params", f"topic={quote(topic, safe='')}"),)
+        request, metadata = self._request(key, batch)
         deadline = time.monotonic() + self.retry_deadline
         attempt = 0
         while True:
@@ -163,8 +199,8 @@ class Publisher(OnClientChannel):
                 response = self._stub(PUBLISH_METHOD, _REQUEST, _RESPONSE)(request, timeout=self.rpc_timeout, metadata=metadata)
                 return list(response.message_ids), None
             except grpc.RpcError as exc:
-                delay = backoff(attempt, self.initial_backoff, self.max_backoff)
-                if exc.code() not in RETRYABLE or time.monotonic() + delay >= deadline:
+                delay = self._retry_delay(exc, attempt, deadline)
+                if delay is None:
                     return [], gexc.from_grpc_error(exc)
             except Exception as exc:  # e.g. the channel was closed
                 return [], exc

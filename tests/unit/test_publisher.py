@@ -1,4 +1,10 @@
-"""chatcore.publisher against a local gRPC server speaking Pub/Sub's Publish RPC."""
+"""Both publishers against a local gRPC server speaking Pub/Sub's Publish RPC.
+
+``Publisher`` (sender threads) and ``AsyncPublisher`` (one asyncio loop) keep
+the same contract; every test of that contract runs against both. Tests
+publish from their own thread, so the ``AsyncPublisher`` hands each message to
+its loop; one test publishes from the loop itself.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +14,8 @@ import grpc
 import pytest
 from google.api_core import exceptions as gexc
 
+from chatcore.async_publisher import AsyncPublisher
+from chatcore.loop_runner import LoopRunner
 from chatcore.publisher import Publisher
 from tests.fakes.pubsub_grpc_server import FakePublishServer, wait_for
 
@@ -21,11 +29,35 @@ def server():
     fake.stop()
 
 
+@pytest.fixture(scope="module")
+def runner():
+    loop = LoopRunner("test-publisher-loop")
+    yield loop
+    loop.close()
+
+
+@pytest.fixture(params=["threads", "asyncio"])
+def make_publisher(request, runner):
+    """``make_publisher(target, **options)``: a publisher of the parametrized kind, closed after the test."""
+    made = []
+
+    def make(target: str, **options):
+        if request.param == "threads":
+            channel = grpc.insecure_channel(target)
+            made.append(channel.close)
+            return Publisher(channel=channel, **options)
+        publisher = AsyncPublisher(runner.loop, channel_factory=lambda: grpc.aio.insecure_channel(target), **options)
+        made.append(lambda: runner.run(publisher.aclose(), timeout=10))
+        return publisher
+
+    yield make
+    for close in made:
+        close()
+
+
 @pytest.fixture
-def publisher(server):
-    channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
-    yield Publisher(channel=channel, initial_backoff=0.01, max_backoff=0.05)
-    channel.close()
+def publisher(server, make_publisher):
+    return make_publisher(f"127.0.0.1:{server.port}", initial_backoff=0.01, max_backoff=0.05)
 
 
 def test_a_message_goes_out_with_its_key_attributes_and_routing_header(server, publisher):
@@ -73,24 +105,20 @@ def test_a_permanent_error_fails_the_batch_and_the_key_goes_on(server, publisher
     assert [r.data for r in server.requests] == [[b"lost"], [b"next"]]
 
 
-def test_retries_stop_at_the_deadline(server):
+def test_retries_stop_at_the_deadline(server, make_publisher):
     server.fail_always = grpc.StatusCode.UNAVAILABLE
-    channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
-    publisher = Publisher(channel=channel, retry_deadline=0.3, initial_backoff=0.02, max_backoff=0.05)
+    publisher = make_publisher(f"127.0.0.1:{server.port}", retry_deadline=0.3, initial_backoff=0.02, max_backoff=0.05)
     started = time.monotonic()
     with pytest.raises(gexc.ServiceUnavailable):
         publisher.publish(TOPIC, b"x", ordering_key="k").result(timeout=5)
     assert 0.2 < time.monotonic() - started < 3
     assert len(server.requests) >= 3
-    channel.close()
 
 
-def test_an_unreachable_server_fails_the_future_instead_of_hanging():
-    channel = grpc.insecure_channel("127.0.0.1:1")
-    publisher = Publisher(channel=channel, retry_deadline=0.3, rpc_timeout=0.5, initial_backoff=0.02)
+def test_an_unreachable_server_fails_the_future_instead_of_hanging(make_publisher):
+    publisher = make_publisher("127.0.0.1:1", retry_deadline=0.3, rpc_timeout=0.5, initial_backoff=0.02)
     with pytest.raises(gexc.GoogleAPICallError):
         publisher.publish(TOPIC, b"x").result(timeout=10)
-    channel.close()
 
 
 def test_sender_threads_are_bounded_and_leave_when_idle(server):
@@ -110,3 +138,49 @@ def test_sender_threads_are_bounded_and_leave_when_idle(server):
 def test_data_must_be_bytes(publisher):
     with pytest.raises(TypeError):
         publisher.publish(TOPIC, "text")
+
+
+def test_publishing_from_the_loop_itself_starts_the_rpc_without_a_thread(server, runner):
+    import asyncio
+    import threading
+
+    publisher = AsyncPublisher(runner.loop, channel_factory=lambda: grpc.aio.insecure_channel(f"127.0.0.1:{server.port}"))
+    threads_before = set(threading.enumerate())
+
+    async def emit_from_the_loop():
+        futures = [publisher.publish(TOPIC, f"{i}".encode(), ordering_key=f"conv:{i % 3}") for i in range(30)]
+        await asyncio.gather(*(asyncio.wrap_future(f) for f in futures))
+        return futures
+
+    futures = runner.run(emit_from_the_loop(), timeout=10)
+    assert all(f.result() for f in futures)
+    started = {t.name for t in set(threading.enumerate()) - threads_before}
+    # The only new threads are the fake server's workers and gRPC's one poller
+    # per process for its asyncio calls: no sender thread.
+    assert all(name.startswith("ThreadPoolExecutor") or "_poll_wrapper" in name for name in started), started
+    per_key = {}
+    for request in server.requests:
+        [key] = request.keys
+        per_key.setdefault(key, []).extend(request.data)
+    assert per_key == {f"conv:{k}": [f"{i}".encode() for i in range(k, 30, 3)] for k in range(3)}, "order kept per key"
+    runner.run(publisher.aclose(), timeout=10)
+
+
+def test_closing_the_loop_fails_what_is_in_flight_instead_of_leaving_it_pending(server):
+    loop = LoopRunner("test-closing-loop")
+    publisher = AsyncPublisher(loop.loop, channel_factory=lambda: grpc.aio.insecure_channel(f"127.0.0.1:{server.port}"))
+    server.hold_key = "held"
+    held = publisher.publish(TOPIC, b"1", ordering_key="held")
+    queued = publisher.publish(TOPIC, b"2", ordering_key="held")
+    wait_for(lambda: server.requests)
+
+    async def cancel_senders():
+        for task in list(publisher._senders):
+            task.cancel()
+
+    loop.run(cancel_senders(), timeout=5)
+    for future in (held, queued):
+        with pytest.raises(RuntimeError):
+            future.result(timeout=5)
+    server.release.set()
+    loop.close()

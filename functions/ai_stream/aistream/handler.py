@@ -17,6 +17,7 @@ import uuid
 from dataclasses import dataclass
 
 from chatcore import ai_requests, jsonlog, runtime_tuning, topology
+from chatcore.async_publisher import AsyncPublisher
 from chatcore.errors import InvalidArgument
 from chatcore.loop_runner import LoopRunner
 from chatcore.pubsub_manager import GooglePubSubManager
@@ -49,8 +50,9 @@ def build_runtime(settings: Settings, *, firestore_client=None, publisher=None, 
     runner = LoopRunner("ai-stream-loop")
     db = firestore_client or firestore.AsyncClient(project=settings.gcp.project_id,
                                                    database=settings.gcp.firestore_database)
+    # Every emit comes from the runner's loop: its RPCs are made there too, without sender threads.
     bus = GooglePubSubManager(settings.gcp.project_id, topology.load().chat_events_topic, write_only=True,
-                              publisher=publisher)
+                              publisher=publisher or AsyncPublisher(runner.loop))
     storage_client = storage_client or storage.Client(project=settings.gcp.project_id)
     files = FileReader(storage_client, settings.uploads_bucket, settings.file_text_max_chars,
                        settings.image_max_bytes)
