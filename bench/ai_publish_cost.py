@@ -1,13 +1,15 @@
-"""CPU cost per bus message of two ways to publish from the AI function, in a process of its own.
+"""CPU cost per bus message of four ways to publish from the AI function, in a process of its own.
 
 Started by bench/ai_stream.py (part 4) against the Pub/Sub emulator; prints one JSON line.
-Both publish, twice in turn (the second round is reported; the first warms up), ``--rate`` messages/s for ``--seconds`` over ``--keys`` ordering keys (rooms),
+Each publishes, twice in turn (the second round is reported; the first warms up), ``--rate`` messages/s for ``--seconds`` over ``--keys`` ordering keys (rooms),
 each message a typical packed ``ai_response_chunk`` emit, and report this process's CPU time
 (all threads, ``time.process_time``) per message and the publish latency (call -> acknowledged):
 
-- ``transport``: ``chatcore.pubsub_transport.PubSubTransport`` as the write-only manager uses it
-  (``chatcore.publisher.Publisher``: one RPC in flight per key, long-lived sender threads), called
-  from an asyncio loop as the generator does;
+- ``async_transport``: ``chatcore.pubsub_transport.PubSubTransport`` as the AI function's
+  write-only manager uses it, on ``chatcore.async_publisher.AsyncPublisher`` (one RPC in flight
+  per key, gRPC's asyncio calls on the loop), called from that loop as the generator does;
+- ``transport``: the same transport on ``chatcore.publisher.Publisher`` (the same rules, RPCs
+  made by long-lived sender threads), which the function used before;
 - ``google_client``: the same transport on google-cloud-pubsub's threaded ``PublisherClient``
   (ordering on, 1 ms batching), which the managers used before;
 - ``async_gapic``: the generated asyncio client (``pubsub_v1.PublisherAsyncClient``), one
@@ -56,6 +58,9 @@ def google_client():
 
 
 async def run_transport(args, topic: str, publisher=None) -> dict:
+    if publisher == "asyncio":
+        from chatcore.async_publisher import AsyncPublisher
+        publisher = AsyncPublisher(asyncio.get_running_loop())
     transport = PubSubTransport(args.project, topic, host_id=new_host_id(), publisher=publisher)
     client = transport.publisher  # created before the clock starts, with the function's settings
     latencies: list[float] = []
@@ -76,7 +81,9 @@ async def run_transport(args, topic: str, publisher=None) -> dict:
     sent = await paced(args.rate, args.seconds, args.keys, send)
     await asyncio.to_thread(transport.flush, 30)
     cpu = time.process_time() - cpu0
-    transport.close()
+    transport.close()  # nothing is pending any more: this does not block the loop
+    if hasattr(client, "aclose"):
+        await client.aclose()
     return {"messages": sent, "cpu_ms_per_message": round(1000 * cpu / sent, 3), "latency": summary(latencies)}
 
 
@@ -140,7 +147,8 @@ async def main() -> None:
     # Two rounds, alternating; the first warms the emulator's topic and both clients' channels.
     rounds = []
     for _ in range(2):
-        rounds.append({"transport": await run_transport(args, args.topic),
+        rounds.append({"async_transport": await run_transport(args, args.topic, "asyncio"),
+                       "transport": await run_transport(args, args.topic),
                        "google_client": await run_transport(args, args.topic, google_client()),
                        "async_gapic": await run_async_gapic(args, topic)})
     out = {"rate": args.rate, "keys": args.keys, **rounds[-1], "first_round": rounds[0]}
