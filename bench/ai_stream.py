@@ -149,7 +149,7 @@ class Instrumented:
         self.settings = Settings.from_env(dict(os.environ), provider="offline", log_level="warning", **overrides)
         self.rt = build_runtime(self.settings)
         # As the function's runtime() does.
-        runtime_tuning.tune(self.settings.gc_tuning, switch_interval=runtime_tuning.SHORT_SWITCH_INTERVAL_SECONDS)
+        runtime_tuning.tune(self.settings.gc_tuning)
         bus = self.rt.generator.bus
         real = bus.transport.publisher  # created exactly as the function creates it
         self.publisher = CountingPublisher(real)

@@ -48,7 +48,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.machine import code_state, cpu_seconds, machine_info  # noqa: E402
+from bench.machine import code_state, cpu_seconds, jit_cpu_seconds, machine_info  # noqa: E402
 from devstack.processes import free_port  # noqa: E402
 from devstack.stack import Ports, Stack, check_prerequisites  # noqa: E402
 
@@ -63,6 +63,7 @@ class Meter:
 
     def __enter__(self):
         self.emulator0 = cpu_seconds(self.pids)
+        self.jit0 = jit_cpu_seconds(self.pids)
         self.client0 = time.process_time()
         self.t0 = time.perf_counter()
         return self
@@ -70,6 +71,7 @@ class Meter:
     def __exit__(self, *exc):
         self.wall = time.perf_counter() - self.t0
         self.emulator = cpu_seconds(self.pids) - self.emulator0
+        self.jit = jit_cpu_seconds(self.pids) - self.jit0
         self.client = time.process_time() - self.client0
 
     def figures(self, operations: int, unit: str) -> dict:
@@ -77,6 +79,8 @@ class Meter:
         return {f"{unit}s": operations, "seconds": round(self.wall, 2), f"{unit}s_per_s": round(operations / self.wall),
                 f"emulator_ms_cpu_per_{unit}": round(1000 * self.emulator / n, 3),
                 "emulator_core_percent": round(100 * self.emulator / self.wall),
+                # The part of the emulator's CPU its JIT compiler threads used (compiling, not serving).
+                "emulator_jit_percent_of_its_cpu": round(100 * self.jit / max(self.emulator, 1e-9)),
                 f"client_ms_cpu_per_{unit}": round(1000 * self.client / n, 3)}
 
 
@@ -164,8 +168,8 @@ async def firestore_parts(stack: Stack, a: argparse.Namespace) -> dict:
             row = {"concurrency": concurrency, **meter.figures(done, "transaction"), "failed": failed}
             out["send_message"].append(row)
             print(f"  send_message, {concurrency} at a time: {row['transactions_per_s']}/s, emulator "
-                  f"{row['emulator_ms_cpu_per_transaction']} ms CPU each ({row['emulator_core_percent']}% of its "
-                  f"core), client {row['client_ms_cpu_per_transaction']} ms, {failed} failed", flush=True)
+                  f"{row['emulator_ms_cpu_per_transaction']} ms CPU each ({row['emulator_core_percent']}% of its core, "
+                  f"JIT {row['emulator_jit_percent_of_its_cpu']}% of that), client {row['client_ms_cpu_per_transaction']} ms, {failed} failed", flush=True)
 
     seqs = [0] * most
 
@@ -190,8 +194,8 @@ async def firestore_parts(stack: Stack, a: argparse.Namespace) -> dict:
                    "commits": commits, "failed": failed}
             out["save_chunk"].append(row)
             print(f"  chunks, {way}, {a.chunk_concurrency} writers: {row['writes_per_s']}/s in {commits} commits, "
-                  f"emulator {row['emulator_ms_cpu_per_write']} ms CPU each ({row['emulator_core_percent']}% of its "
-                  f"core), client {row['client_ms_cpu_per_write']} ms, {failed} failed", flush=True)
+                  f"emulator {row['emulator_ms_cpu_per_write']} ms CPU each ({row['emulator_core_percent']}% of its core, "
+                  f"JIT {row['emulator_jit_percent_of_its_cpu']}% of that), client {row['client_ms_cpu_per_write']} ms, {failed} failed", flush=True)
     db.close()
     return out
 
@@ -208,7 +212,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sequential-calls", type=int, default=2000)
     p.add_argument("--send-concurrency", type=lambda v: [int(x) for x in v.split(",") if x], default=[10, 50])
     p.add_argument("--chunk-concurrency", type=int, default=50)
+    p.add_argument("--jvm-options", default="",
+                   help="extra JAVA_TOOL_OPTIONS for the emulators, after devstack's (so they win): "
+                        "'-XX:TieredStopAtLevel=4' measures the JVM's default tiered JIT")
     a = p.parse_args(argv)
+    if a.jvm_options:
+        os.environ["JAVA_TOOL_OPTIONS"] = " ".join(filter(None, (os.environ.get("JAVA_TOOL_OPTIONS"), a.jvm_options)))
     missing = check_prerequisites()
     if missing:
         print("the benchmark needs: " + "; ".join(missing), file=sys.stderr)
@@ -232,7 +241,8 @@ def main(argv: list[str] | None = None) -> int:
             row = publish_paced(stack, a.publish_rate, a.seconds, a.keys)
             results["publish"].append(row)
             print(f"  paced: {row['emits']} emits in {row['seconds']} s, emulator {row['emulator_ms_cpu_per_emit']} ms"
-                  f" CPU per emit ({row['emulator_core_percent']}% of its core), client "
+                  f" CPU per emit ({row['emulator_core_percent']}% of its core, JIT "
+                  f"{row['emulator_jit_percent_of_its_cpu']}% of that), client "
                   f"{row['client_ms_cpu_per_emit']} ms, error {row['publish_error']}", flush=True)
             row = publish_sequential(stack, a.sequential_calls)
             results["publish_sequential"].append(row)

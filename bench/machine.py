@@ -63,6 +63,30 @@ def cpu_seconds(pids: list[int]) -> float:
     return total
 
 
+def jit_cpu_seconds(pids: list[int]) -> float:
+    """CPU seconds of the JVM JIT compiler threads (``C1/C2 CompilerThread``) of these processes and descendants."""
+    total = 0.0
+    for pid in pids:
+        try:
+            proc = psutil.Process(abs(pid))
+            procs = [proc, *proc.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            continue
+        for p in procs:
+            try:
+                threads = p.threads()
+            except psutil.NoSuchProcess:
+                continue
+            for t in threads:
+                try:
+                    with open(f"/proc/{p.pid}/task/{t.id}/comm") as f:
+                        if "CompilerThre" in f.read():
+                            total += t.user_time + t.system_time
+                except OSError:
+                    pass
+    return total
+
+
 class CpuMeter:
     """CPU use of groups of pids over a phase, in % of one core."""
 

@@ -6,31 +6,22 @@
   collector's reach, and higher thresholds make collections fewer. The socket
   service and the AI function do this unless ``GC_TUNING=0``;
   bench/bare_app.py does it too, so the benchmarks compare like with like.
-- **The GIL switch interval** (5 ms by default). The AI function runs one busy
-  asyncio loop next to the Pub/Sub sender threads: a sender whose RPC has
-  returned waits up to 5 ms for the GIL, more than once per RPC. With 50
-  replies streaming in one process, 0.5 ms cut the p99 from chunk emit to
-  publish acknowledgement from 110-270 ms to 55-110 ms. The socket service
-  keeps Python's default: its one extra thread (the bus's Pull loop) wakes
-  once per batch, and the one A/B run on the bare app (fan-out on one core,
-  12,955 deliveries/s at 5 ms vs 10,289 at 0.5 ms) pointed the other way, on
-  a machine whose speed varied by a quarter within the hour. So only the AI
-  function passes ``SHORT_SWITCH_INTERVAL_SECONDS`` (docs/PERFORMANCE.md).
+- **The GIL switch interval** stays at Python's 5 ms. The AI function used
+  0.5 ms while its Pub/Sub RPCs were made by sender threads that waited for
+  the GIL behind its busy loop; since it publishes from the loop itself
+  (``chatcore.async_publisher``), three A/B runs of 50 replies at once gave
+  the same chunk p99 either way (docs/PERFORMANCE.md), so the setting went.
 """
 
 from __future__ import annotations
 
 import gc
-import sys
 
 GC_THRESHOLDS = (50_000, 20, 10)
-SHORT_SWITCH_INTERVAL_SECONDS = 0.0005
 
 
-def tune(gc_tuning: bool = True, switch_interval: float | None = None) -> None:
+def tune(gc_tuning: bool = True) -> None:
     """Call once, after start-up (clients created), so what exists then is frozen."""
-    if switch_interval is not None:
-        sys.setswitchinterval(switch_interval)
     if gc_tuning:
         gc.collect()
         gc.freeze()

@@ -69,7 +69,7 @@ def runtime() -> Runtime:
             jsonlog.configure(settings.log_level, settings.gcp.project_id)
             _runtime = build_runtime(settings)
             # After the clients exist, so they are frozen too.
-            runtime_tuning.tune(settings.gc_tuning, switch_interval=runtime_tuning.SHORT_SWITCH_INTERVAL_SECONDS)
+            runtime_tuning.tune(settings.gc_tuning)
         return _runtime
 
 
