@@ -25,6 +25,9 @@ does the batching itself:
   that, or on a permanent error (e.g. the topic does not exist), the batch's
   futures fail with the matching ``google.api_core`` exception and the key's
   next messages still go out. There is no paused state to resume.
+
+These rules live in ``KeyedBatches``, which ``chatcore.async_publisher.AsyncPublisher``
+shares: it makes the same RPCs from an asyncio loop instead of threads.
 """
 
 from __future__ import annotations
@@ -124,6 +127,10 @@ class KeyedBatches:
     @staticmethod
     def _settle(batch: list, message_ids: list[str], error: BaseException | None) -> None:
         for i, (_, _, future) in enumerate(batch):
+            if future.cancelled():
+                # A caller gave up (``asyncio.wrap_future`` cancels the future
+                # with the task that awaited it); setting it would raise.
+                continue
             if error is not None:
                 future.set_exception(error)
             else:

@@ -135,6 +135,19 @@ def test_sender_threads_are_bounded_and_leave_when_idle(server):
     channel.close()
 
 
+def test_a_caller_that_gives_up_does_not_stop_the_others(server, publisher):
+    server.hold_key = "k"
+    first = publisher.publish(TOPIC, b"1", ordering_key="k")
+    wait_for(lambda: server.requests)
+    abandoned = publisher.publish(TOPIC, b"2", ordering_key="k")
+    after_it = publisher.publish(TOPIC, b"3", ordering_key="k")  # same batch as the abandoned one
+    assert abandoned.cancel(), "a caller's task was cancelled while it waited"
+    server.release.set()
+    assert first.result(timeout=5) and after_it.result(timeout=5)
+    assert publisher.publish(TOPIC, b"4", ordering_key="k").result(timeout=5), "the key goes on"
+    assert [r.data for r in server.requests] == [[b"1"], [b"2", b"3"], [b"4"]]
+
+
 def test_data_must_be_bytes(publisher):
     with pytest.raises(TypeError):
         publisher.publish(TOPIC, "text")
