@@ -71,7 +71,7 @@ class Meter:
     def __exit__(self, *exc):
         self.wall = time.perf_counter() - self.t0
         self.emulator = cpu_seconds(self.pids) - self.emulator0
-        self.jit = jit_cpu_seconds(self.pids) - self.jit0
+        self.jit = sum(seconds - self.jit0.get(thread, 0.0) for thread, seconds in jit_cpu_seconds(self.pids).items())
         self.client = time.process_time() - self.client0
 
     def figures(self, operations: int, unit: str) -> dict:

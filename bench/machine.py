@@ -63,9 +63,14 @@ def cpu_seconds(pids: list[int]) -> float:
     return total
 
 
-def jit_cpu_seconds(pids: list[int]) -> float:
-    """CPU seconds of the JVM JIT compiler threads (``C1/C2 CompilerThread``) of these processes and descendants."""
-    total = 0.0
+def jit_cpu_seconds(pids: list[int]) -> dict[tuple[int, int], float]:
+    """CPU seconds of each JVM JIT compiler thread (``C1/C2 CompilerThread``) of these processes and descendants.
+
+    Keyed by (pid, thread id): the JVM starts and stops compiler threads as
+    it needs them, so a phase's JIT time is the sum, over the threads alive
+    at its end, of what each used since the start (a thread that ended
+    within the phase is missed, never subtracted)."""
+    found: dict[tuple[int, int], float] = {}
     for pid in pids:
         try:
             proc = psutil.Process(abs(pid))
@@ -81,10 +86,10 @@ def jit_cpu_seconds(pids: list[int]) -> float:
                 try:
                     with open(f"/proc/{p.pid}/task/{t.id}/comm") as f:
                         if "CompilerThre" in f.read():
-                            total += t.user_time + t.system_time
+                            found[(p.pid, t.id)] = t.user_time + t.system_time
                 except OSError:
                     pass
-    return total
+    return found
 
 
 class CpuMeter:

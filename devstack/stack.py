@@ -36,14 +36,14 @@ GCS_CORS_HEADERS = "content-type,x-goog-content-length-range,x-goog-if-generatio
 LOCAL_PUSH_RELAYED = {"ai_stream"}
 
 
-# The emulators are JVMs. With the default tiered compilation, the C2 compiler
-# keeps a core's third busy for tens of thousands of requests after start-up,
-# and every request costs about twice the CPU it costs once compiled code is
-# in place; on a 2-core machine that CPU is taken from the services under
-# test. C1 alone compiles in seconds and then costs about half as much per
-# request (Firestore write: 1.0-1.6 ms -> 0.5-0.6 ms of emulator CPU, see
-# docs/PERFORMANCE.md, "Emulator capacity"). Options already in
-# JAVA_TOOL_OPTIONS are kept and come after ours, so they win.
+# The emulators are JVMs. With the default tiered compilation their JIT
+# compiler threads take 36-63% of the emulators' CPU for the first tens of
+# thousands of requests, and each request costs up to twice as much
+# meanwhile; tests, benchmarks and a dev session run mostly in that phase, on
+# a small machine whose CPU the services under test need. With C1 alone,
+# compilation is over within seconds (compiled C2 code is faster later on,
+# but few local runs get there). Figures: docs/PERFORMANCE.md, "Emulator
+# capacity". Options already in JAVA_TOOL_OPTIONS come after ours, so they win.
 EMULATOR_JVM_OPTIONS = "-XX:TieredStopAtLevel=1"
 
 
