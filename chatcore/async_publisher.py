@@ -46,7 +46,13 @@ def default_channel() -> grpc.aio.Channel:
 
 
 class AsyncPublisher(KeyedBatches):
-    def __init__(self, loop: asyncio.AbstractEventLoop, *, channel_factory: Callable[[], grpc.aio.Channel] = None,
+    """``Publisher``'s contract on one event loop: ``loop`` is where the RPCs run and the futures settle.
+
+    ``channel_factory`` (called on the loop, at the first RPC) replaces
+    ``default_channel``; tests point it at a local server."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, *,
+                 channel_factory: Callable[[], grpc.aio.Channel] | None = None,
                  rpc_timeout: float = 60.0, retry_deadline: float = 60.0, initial_backoff: float = 0.1,
                  max_backoff: float = 5.0):
         super().__init__(rpc_timeout, retry_deadline, initial_backoff, max_backoff)
