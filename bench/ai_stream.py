@@ -37,8 +37,9 @@ Parts, in the order they run:
    write-only manager emits a probe event to the same rooms, received by the same clients,
    at the nominal rate (``--replies`` x ``--probe-rate``) once and, after each of the
    ``--repeats`` chunk runs, at the message rate that run actually produced. Each latency
-   is split at the moment Pub/Sub acknowledged the publish. The generator process's CPU
-   is also given per thread (the event loop, the Pub/Sub sender threads, gRPC's own).
+   is split at the moment Pub/Sub acknowledged the publish. The probes are emitted on
+   the generator's event loop, as the chunks are. The generator process's CPU is also
+   given per thread (its event loop, gRPC's own threads).
 """
 
 from __future__ import annotations
@@ -175,7 +176,7 @@ class Instrumented:
             try:
                 return original(event, data, *args, **kwargs)
             finally:
-                # Only one thread publishes at a time in this benchmark, so the
+                # Every emit happens on the generator's loop, one at a time, so the
                 # record appended by this call is this emit's Pub/Sub message.
                 if key is not None and len(self.publisher.records) > before:
                     self.emit_records[key] = before
@@ -388,8 +389,9 @@ async def messages_per_reply(args, stack: Stack, receiver: Receiver, convs: list
 
 
 # -- part 2: chunk latency with many replies at once --------------------------------
-def probe_emitter(bus, rooms: list[str], convs: list[dict], per_room_rate: float, seconds: float,
-                  size: int, sent: list) -> None:
+async def probe_emitter(bus, rooms: list[str], convs: list[dict], per_room_rate: float, seconds: float,
+                        size: int, sent: list) -> None:
+    """Runs on the generator's event loop, so a probe is published exactly as a chunk is."""
     total = int(per_room_rate * len(rooms) * seconds)
     interval = 1.0 / (per_room_rate * len(rooms))
     text = "x" * size
@@ -397,12 +399,12 @@ def probe_emitter(bus, rooms: list[str], convs: list[dict], per_room_rate: float
     for n in range(total):
         delay = start + n * interval - time.perf_counter()
         if delay > 0:
-            time.sleep(delay)
+            await asyncio.sleep(delay)
         k = n % len(rooms)
         bus.emit(PROBE_EVENT, {"conversation_id": convs[k]["id"], "k": k, "n": n, "t": time.time(), "chunk": text},
                  room=rooms[k])
         sent[0] += 1
-    bus.flush(30)
+    await asyncio.to_thread(bus.flush, 30)
 
 
 async def bus_alone(args, inst: Instrumented, receiver: Receiver, convs: list[dict], groups,
@@ -411,7 +413,8 @@ async def bus_alone(args, inst: Instrumented, receiver: Receiver, convs: list[di
     sent = [0]
     before = len(inst.publisher.records)
     cpu = CpuMeter(groups)
-    await asyncio.to_thread(probe_emitter, inst.bus, rooms, convs, per_room_rate, seconds, args.probe_chars, sent)
+    await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(
+        probe_emitter(inst.bus, rooms, convs, per_room_rate, seconds, args.probe_chars, sent), inst.rt.runner.loop))
     cpu_pct = cpu.percent()
     got = await receiver.collect(lambda m: len(m["probes"]) >= sent[0], timeout=30)
     lat = [p[3] - p[2] for p in got["probes"]]

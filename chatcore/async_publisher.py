@@ -10,8 +10,8 @@ before its RPC and after it; at most ``max_in_flight`` RPCs run at once.
 goes in the key's next RPC, transient errors retried with backoff until
 ``retry_deadline``) and makes the RPCs with gRPC's asyncio API on that loop.
 With 50 replies streaming in one process (bench/ai_stream.py) the p99 from
-emit to publish acknowledged fell from 70-90 ms to 20-35 ms and the process
-used 65-69% of a core instead of 72-76% (docs/PERFORMANCE.md).
+emit to publish acknowledged fell from 59-79 ms to 20-38 ms and the process
+used 54-70% of a core instead of 72-76% (docs/PERFORMANCE.md).
 
 ``publish`` returns a ``concurrent.futures.Future`` like ``Publisher``'s, so
 callers need not know which one they have. It may be called from the loop's
@@ -27,7 +27,7 @@ import asyncio
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import Future
 
 import grpc
@@ -36,23 +36,28 @@ from google.api_core import exceptions as gexc
 from .publisher import _REQUEST, _RESPONSE, PUBLISH_METHOD, KeyedBatches
 
 
-def default_channel() -> grpc.aio.Channel:
-    """The emulator's channel if ``PUBSUB_EMULATOR_HOST`` is set, else Pub/Sub's, authenticated."""
+async def default_channel() -> grpc.aio.Channel:
+    """The emulator's channel if ``PUBSUB_EMULATOR_HOST`` is set, else Pub/Sub's, authenticated.
+
+    Finding the credentials may ask the metadata server over HTTP: that runs
+    in a thread, so the replies already streaming on the loop do not stall."""
     host = os.environ.get("PUBSUB_EMULATOR_HOST")
     if host:
         return grpc.aio.insecure_channel(host)
+    import google.auth
     from google.pubsub_v1.services.publisher import PublisherAsyncClient
-    return PublisherAsyncClient().transport.grpc_channel
+    credentials, _ = await asyncio.to_thread(google.auth.default)
+    return PublisherAsyncClient(credentials=credentials).transport.grpc_channel
 
 
 class AsyncPublisher(KeyedBatches):
     """``Publisher``'s contract on one event loop: ``loop`` is where the RPCs run and the futures settle.
 
-    ``channel_factory`` (called on the loop, at the first RPC) replaces
-    ``default_channel``; tests point it at a local server."""
+    ``channel_factory`` (a coroutine function, awaited on the loop before the
+    first RPC) replaces ``default_channel``; tests point it at a local server."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, *,
-                 channel_factory: Callable[[], grpc.aio.Channel] | None = None,
+                 channel_factory: Callable[[], Awaitable[grpc.aio.Channel]] | None = None,
                  rpc_timeout: float = 60.0, retry_deadline: float = 60.0, initial_backoff: float = 0.1,
                  max_backoff: float = 5.0):
         super().__init__(rpc_timeout, retry_deadline, initial_backoff, max_backoff)
@@ -60,6 +65,7 @@ class AsyncPublisher(KeyedBatches):
         self._channel_factory = channel_factory or default_channel
         self._channel: grpc.aio.Channel | None = None
         self._publish_rpc = None
+        self._connecting: asyncio.Task | None = None  # the first RPCs all wait for one channel
         self._senders: set[asyncio.Task] = set()  # strong references: the loop keeps only weak ones
         self._sync_client = None
         self._sync_client_lock = threading.Lock()
@@ -71,8 +77,10 @@ class AsyncPublisher(KeyedBatches):
         item = (data, attributes, future)
         if self._on_loop():
             self._queue((topic, ordering_key), item)
-        else:
+        elif self.loop.is_running():
             self.loop.call_soon_threadsafe(self._queue, (topic, ordering_key), item)
+        else:  # nothing would ever send it
+            future.set_exception(RuntimeError("the publisher's event loop is not running"))
         return future
 
     def get_topic(self, request, timeout=None):
@@ -111,29 +119,41 @@ class AsyncPublisher(KeyedBatches):
             try:
                 message_ids, error = await self._send(key, batch)
             except asyncio.CancelledError:  # the loop is closing: fail what waits, never leave it hanging
-                rest = list(self._queues.pop(key).waiting)
-                self._settle(batch + rest, [], RuntimeError("the publisher's event loop closed"))
+                self._abandon(key, batch, RuntimeError("the publisher's event loop closed"))
+                raise
+            except BaseException as exc:  # a bug: the key must not stay busy with nobody sending it
+                self._abandon(key, batch, exc)
                 raise
             more = self._key_done(key)
             self._settle(batch, message_ids, error)
             if not more:
                 return
 
-    def _rpc(self):
+    async def _rpc(self):
+        """The Publish stub, once the channel exists; the first RPCs all wait for one connection."""
         if self._publish_rpc is None:
-            self._channel = self._channel_factory()
-            self._publish_rpc = self._channel.unary_unary(PUBLISH_METHOD, request_serializer=_REQUEST.SerializeToString,
-                                                          response_deserializer=_RESPONSE.FromString)
+            connecting = self._connecting
+            if connecting is None or (connecting.done() and (connecting.cancelled() or connecting.exception())):
+                connecting = self._connecting = self.loop.create_task(self._channel_factory())
+            channel = await asyncio.shield(connecting)  # a failure reaches every waiter; the next RPC retries
+            if self._publish_rpc is None:
+                self._channel = channel
+                self._publish_rpc = channel.unary_unary(PUBLISH_METHOD, request_serializer=_REQUEST.SerializeToString,
+                                                        response_deserializer=_RESPONSE.FromString)
         return self._publish_rpc
 
     async def _send(self, key: tuple[str, str], batch: list) -> tuple[list[str], BaseException | None]:
         """One batch, retried while the error is transient: ``(message_ids, error)``."""
-        request, metadata = self._request(key, batch)
+        try:
+            request, metadata = self._request(key, batch)
+        except Exception as exc:  # e.g. an attribute that is not a string
+            return [], exc
         deadline = time.monotonic() + self.retry_deadline
         attempt = 0
         while True:
             try:
-                response = await self._rpc()(request, timeout=self.rpc_timeout, metadata=metadata)
+                rpc = await self._rpc()
+                response = await rpc(request, timeout=self.rpc_timeout, metadata=metadata)
                 return list(response.message_ids), None
             except grpc.RpcError as exc:  # grpc.aio.AioRpcError
                 delay = self._retry_delay(exc, attempt, deadline)

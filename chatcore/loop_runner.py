@@ -46,6 +46,20 @@ class LoopRunner:
             future.cancel()
             raise
 
-    def close(self) -> None:
+    def close(self, timeout: float = 5.0) -> None:
+        """Cancel what still runs on the loop, let it unwind (``finally`` blocks, cancellation handlers), stop."""
+        if not self._thread.is_alive():
+            return
+
+        async def cancel_the_rest() -> None:
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+        try:
+            asyncio.run_coroutine_threadsafe(cancel_the_rest(), self._loop).result(timeout)
+        except Exception:  # a task that will not unwind must not keep the caller waiting
+            pass
         self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(timeout=5)
+        self._thread.join(timeout=timeout)

@@ -35,7 +35,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from urllib.parse import quote
 
 import grpc
@@ -127,14 +127,20 @@ class KeyedBatches:
     @staticmethod
     def _settle(batch: list, message_ids: list[str], error: BaseException | None) -> None:
         for i, (_, _, future) in enumerate(batch):
-            if future.cancelled():
-                # A caller gave up (``asyncio.wrap_future`` cancels the future
-                # with the task that awaited it); setting it would raise.
-                continue
-            if error is not None:
-                future.set_exception(error)
-            else:
-                future.set_result(message_ids[i] if i < len(message_ids) else "")
+            # A caller may have given up (``asyncio.wrap_future`` cancels the
+            # future with the task that awaited it), even while we set it.
+            try:
+                if error is not None:
+                    future.set_exception(error)
+                else:
+                    future.set_result(message_ids[i] if i < len(message_ids) else "")
+            except InvalidStateError:
+                pass
+
+    def _abandon(self, key: tuple[str, str], batch: list, error: BaseException) -> None:
+        """A sender is going away mid-batch: fail its batch and what waits behind it, and forget the key."""
+        queue = self._queues.pop(key, None)
+        self._settle(batch + (list(queue.waiting) if queue else []), [], error)
 
 
 class Publisher(KeyedBatches, OnClientChannel):
@@ -198,7 +204,10 @@ class Publisher(KeyedBatches, OnClientChannel):
 
     def _send(self, key: tuple[str, str], batch: list) -> tuple[list[str], BaseException | None]:
         """One batch, retried while the error is transient: ``(message_ids, error)``."""
-        request, metadata = self._request(key, batch)
+        try:
+            request, metadata = self._request(key, batch)
+        except Exception as exc:  # e.g. an attribute that is not a string
+            return [], exc
         deadline = time.monotonic() + self.retry_deadline
         attempt = 0
         while True:

@@ -24,7 +24,7 @@ import logging
 import threading
 import uuid
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from google.api_core import exceptions as gexc
 from google.cloud import pubsub_v1
@@ -32,6 +32,9 @@ from google.cloud import pubsub_v1
 from .publisher import Publisher
 from .subscriber import Subscriber
 from .topology import InstanceSubscription
+
+if TYPE_CHECKING:
+    from .async_publisher import AsyncPublisher
 
 logger = logging.getLogger(__name__)
 
@@ -113,7 +116,7 @@ class PubSubTransport:
 
     def __init__(self, project_id: str, topic: str, *, host_id: str,
                  subscription: InstanceSubscription | None = None,
-                 publisher: Publisher | None = None,
+                 publisher: Publisher | AsyncPublisher | None = None,
                  subscriber: Subscriber | None = None,
                  dumps: Callable[[Any], str] = json.dumps, loads: Callable[[str], Any] = json.loads,
                  max_messages_outstanding: int = 1000):

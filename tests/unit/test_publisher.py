@@ -29,6 +29,12 @@ def server():
     fake.stop()
 
 
+def aio_channel_to(target: str):
+    async def connect():
+        return grpc.aio.insecure_channel(target)
+    return connect
+
+
 @pytest.fixture(scope="module")
 def runner():
     loop = LoopRunner("test-publisher-loop")
@@ -46,7 +52,7 @@ def make_publisher(request, runner):
             channel = grpc.insecure_channel(target)
             made.append(channel.close)
             return Publisher(channel=channel, **options)
-        publisher = AsyncPublisher(runner.loop, channel_factory=lambda: grpc.aio.insecure_channel(target), **options)
+        publisher = AsyncPublisher(runner.loop, channel_factory=aio_channel_to(target), **options)
         made.append(lambda: runner.run(publisher.aclose(), timeout=10))
         return publisher
 
@@ -157,7 +163,7 @@ def test_publishing_from_the_loop_itself_starts_the_rpc_without_a_thread(server,
     import asyncio
     import threading
 
-    publisher = AsyncPublisher(runner.loop, channel_factory=lambda: grpc.aio.insecure_channel(f"127.0.0.1:{server.port}"))
+    publisher = AsyncPublisher(runner.loop, channel_factory=aio_channel_to(f"127.0.0.1:{server.port}"))
     threads_before = set(threading.enumerate())
 
     async def emit_from_the_loop():
@@ -181,19 +187,23 @@ def test_publishing_from_the_loop_itself_starts_the_rpc_without_a_thread(server,
 
 def test_closing_the_loop_fails_what_is_in_flight_instead_of_leaving_it_pending(server):
     loop = LoopRunner("test-closing-loop")
-    publisher = AsyncPublisher(loop.loop, channel_factory=lambda: grpc.aio.insecure_channel(f"127.0.0.1:{server.port}"))
+    publisher = AsyncPublisher(loop.loop, channel_factory=aio_channel_to(f"127.0.0.1:{server.port}"))
     server.hold_key = "held"
     held = publisher.publish(TOPIC, b"1", ordering_key="held")
     queued = publisher.publish(TOPIC, b"2", ordering_key="held")
     wait_for(lambda: server.requests)
-
-    async def cancel_senders():
-        for task in list(publisher._senders):
-            task.cancel()
-
-    loop.run(cancel_senders(), timeout=5)
+    loop.close()  # as a shutting-down instance does
     for future in (held, queued):
         with pytest.raises(RuntimeError):
             future.result(timeout=5)
+    with pytest.raises(RuntimeError):  # a late publish fails at once instead of waiting forever
+        publisher.publish(TOPIC, b"3", ordering_key="other").result(timeout=5)
     server.release.set()
-    loop.close()
+
+
+def test_an_attribute_the_request_cannot_carry_fails_its_message_and_the_key_goes_on(server, publisher):
+    bad = publisher.publish(TOPIC, b"1", ordering_key="k", origin=1)  # attributes are strings
+    with pytest.raises(TypeError):
+        bad.result(timeout=5)
+    assert publisher.publish(TOPIC, b"2", ordering_key="k").result(timeout=5), "the key is not left busy"
+    assert [r.data for r in server.requests] == [[b"2"]]
