@@ -31,7 +31,6 @@ from collections.abc import Awaitable, Callable
 from concurrent.futures import Future
 
 import grpc
-from google.api_core import exceptions as gexc
 
 from .publisher import _REQUEST, _RESPONSE, PUBLISH_METHOD, KeyedBatches
 
@@ -148,20 +147,14 @@ class AsyncPublisher(KeyedBatches):
             request, metadata = self._request(key, batch)
         except Exception as exc:  # e.g. an attribute that is not a string
             return [], exc
-        deadline = time.monotonic() + self.retry_deadline
-        attempt = 0
+        deadline, attempt = time.monotonic() + self.retry_deadline, 0
         while True:
-            try:
+            try:  # CancelledError is not an Exception: it goes through
                 rpc = await self._rpc()
-                response = await rpc(request, timeout=self.rpc_timeout, metadata=metadata)
-                return list(response.message_ids), None
-            except grpc.RpcError as exc:  # grpc.aio.AioRpcError
-                delay = self._retry_delay(exc, attempt, deadline)
-                if delay is None:
-                    return [], gexc.from_grpc_error(exc)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # e.g. the channel was closed
-                return [], exc
-            await asyncio.sleep(delay)
+                return list((await rpc(request, timeout=self.rpc_timeout, metadata=metadata)).message_ids), None
+            except Exception as exc:  # grpc.aio.AioRpcError is a grpc.RpcError
+                outcome = self._after_error(exc, attempt, deadline)
+            if isinstance(outcome, BaseException):
+                return [], outcome
+            await asyncio.sleep(outcome)
             attempt += 1

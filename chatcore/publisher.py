@@ -117,11 +117,13 @@ class KeyedBatches:
         metadata = (("x-goog-request-params", f"topic={quote(topic, safe='')}"),)
         return request, metadata
 
-    def _retry_delay(self, exc: grpc.RpcError, attempt: int, deadline: float) -> float | None:
-        """Seconds before retry ``attempt``, or None: the error is permanent or the deadline is near."""
+    def _after_error(self, exc: Exception, attempt: int, deadline: float) -> float | BaseException:
+        """After failed attempt ``attempt``: seconds to wait before the next, or the error that fails the batch."""
+        if not isinstance(exc, grpc.RpcError):
+            return exc  # e.g. the channel was closed
         delay = backoff(attempt, self.initial_backoff, self.max_backoff)
         if exc.code() not in RETRYABLE or time.monotonic() + delay >= deadline:
-            return None
+            return gexc.from_grpc_error(exc)
         return delay
 
     @staticmethod
@@ -208,17 +210,14 @@ class Publisher(KeyedBatches, OnClientChannel):
             request, metadata = self._request(key, batch)
         except Exception as exc:  # e.g. an attribute that is not a string
             return [], exc
-        deadline = time.monotonic() + self.retry_deadline
-        attempt = 0
+        deadline, attempt = time.monotonic() + self.retry_deadline, 0
+        rpc = self._stub(PUBLISH_METHOD, _REQUEST, _RESPONSE)
         while True:
             try:
-                response = self._stub(PUBLISH_METHOD, _REQUEST, _RESPONSE)(request, timeout=self.rpc_timeout, metadata=metadata)
-                return list(response.message_ids), None
-            except grpc.RpcError as exc:
-                delay = self._retry_delay(exc, attempt, deadline)
-                if delay is None:
-                    return [], gexc.from_grpc_error(exc)
-            except Exception as exc:  # e.g. the channel was closed
-                return [], exc
-            time.sleep(delay)
+                return list(rpc(request, timeout=self.rpc_timeout, metadata=metadata).message_ids), None
+            except Exception as exc:
+                outcome = self._after_error(exc, attempt, deadline)
+            if isinstance(outcome, BaseException):
+                return [], outcome
+            time.sleep(outcome)
             attempt += 1
