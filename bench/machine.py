@@ -45,16 +45,20 @@ def machine_info(**extra) -> dict:
             "python": platform.python_version(), "kernel": platform.release(), "libraries": libraries, **extra}
 
 
+def _processes(pid: int, descendants: bool) -> list[psutil.Process]:
+    """The process ``pid`` (and its descendants), or none if it has gone."""
+    try:
+        proc = psutil.Process(pid)
+        return [proc, *proc.children(recursive=True)] if descendants else [proc]
+    except psutil.NoSuchProcess:
+        return []
+
+
 def cpu_seconds(pids: list[int]) -> float:
     """User+system CPU seconds of these processes; a negative pid includes its descendants."""
     total = 0.0
     for pid in pids:
-        try:
-            proc = psutil.Process(abs(pid))
-            procs = [proc, *proc.children(recursive=True)] if pid < 0 else [proc]
-        except psutil.NoSuchProcess:
-            continue
-        for p in procs:
+        for p in _processes(abs(pid), descendants=pid < 0):
             try:
                 t = p.cpu_times()
                 total += t.user + t.system
@@ -72,12 +76,7 @@ def jit_cpu_seconds(pids: list[int]) -> dict[tuple[int, int], float]:
     within the phase is missed, never subtracted)."""
     found: dict[tuple[int, int], float] = {}
     for pid in pids:
-        try:
-            proc = psutil.Process(abs(pid))
-            procs = [proc, *proc.children(recursive=True)]
-        except psutil.NoSuchProcess:
-            continue
-        for p in procs:
+        for p in _processes(abs(pid), descendants=True):
             try:
                 threads = p.threads()
             except psutil.NoSuchProcess:

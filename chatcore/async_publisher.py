@@ -25,14 +25,13 @@ from __future__ import annotations
 
 import asyncio
 import os
-import threading
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Future
 
 import grpc
 
-from .publisher import _REQUEST, _RESPONSE, PUBLISH_METHOD, KeyedBatches
+from .publisher import _REQUEST, _RESPONSE, PUBLISH_METHOD, KeyedBatches, PublisherClientOwner
 
 
 async def default_channel() -> grpc.aio.Channel:
@@ -49,25 +48,26 @@ async def default_channel() -> grpc.aio.Channel:
     return PublisherAsyncClient(credentials=credentials).transport.grpc_channel
 
 
-class AsyncPublisher(KeyedBatches):
+class AsyncPublisher(KeyedBatches, PublisherClientOwner):
     """``Publisher``'s contract on one event loop: ``loop`` is where the RPCs run and the futures settle.
 
     ``channel_factory`` (a coroutine function, awaited on the loop before the
-    first RPC) replaces ``default_channel``; tests point it at a local server."""
+    first RPC) replaces ``default_channel``; tests point it at a local server.
+    The synchronous ``PublisherClient`` serves only ``get_topic`` (readiness
+    checks, rare and synchronous)."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, *,
                  channel_factory: Callable[[], Awaitable[grpc.aio.Channel]] | None = None,
                  rpc_timeout: float = 60.0, retry_deadline: float = 60.0, initial_backoff: float = 0.1,
                  max_backoff: float = 5.0):
-        super().__init__(rpc_timeout, retry_deadline, initial_backoff, max_backoff)
+        KeyedBatches.__init__(self, rpc_timeout, retry_deadline, initial_backoff, max_backoff)
+        PublisherClientOwner.__init__(self)
         self.loop = loop
         self._channel_factory = channel_factory or default_channel
-        self._channel: grpc.aio.Channel | None = None
+        self._aio_channel: grpc.aio.Channel | None = None
         self._publish_rpc = None
         self._connecting: asyncio.Task | None = None  # the first RPCs all wait for one channel
         self._senders: set[asyncio.Task] = set()  # strong references: the loop keeps only weak ones
-        self._sync_client = None
-        self._sync_client_lock = threading.Lock()
 
     def publish(self, topic: str, data: bytes, ordering_key: str = "", **attributes: str) -> Future:
         if not isinstance(data, bytes):
@@ -82,20 +82,12 @@ class AsyncPublisher(KeyedBatches):
             future.set_exception(RuntimeError("the publisher's event loop is not running"))
         return future
 
-    def get_topic(self, request, timeout=None):
-        """Readiness checks are rare and synchronous: they go through google-cloud-pubsub's client."""
-        with self._sync_client_lock:
-            if self._sync_client is None:
-                from google.cloud import pubsub_v1
-                self._sync_client = pubsub_v1.PublisherClient()
-        return self._sync_client.get_topic(request=request, timeout=timeout)
-
     async def aclose(self) -> None:
         """Wait for the RPCs in flight, then close the channel (on the loop)."""
         while self._senders:
             await asyncio.gather(*self._senders, return_exceptions=True)
-        if self._channel is not None:
-            channel, self._channel, self._publish_rpc = self._channel, None, None
+        if self._aio_channel is not None:
+            channel, self._aio_channel, self._publish_rpc = self._aio_channel, None, None
             await channel.close()
 
     # -- on the loop ---------------------------------------------------
@@ -117,11 +109,9 @@ class AsyncPublisher(KeyedBatches):
             batch = self._next_batch(key)
             try:
                 message_ids, error = await self._send(key, batch)
-            except asyncio.CancelledError:  # the loop is closing: fail what waits, never leave it hanging
-                self._abandon(key, batch, RuntimeError("the publisher's event loop closed"))
-                raise
-            except BaseException as exc:  # a bug: the key must not stay busy with nobody sending it
-                self._abandon(key, batch, exc)
+            except BaseException as exc:  # the loop is closing, or a bug: never leave the key busy and unsent
+                closing = isinstance(exc, asyncio.CancelledError)
+                self._abandon(key, batch, RuntimeError("the publisher's event loop closed") if closing else exc)
                 raise
             more = self._key_done(key)
             self._settle(batch, message_ids, error)
@@ -136,7 +126,7 @@ class AsyncPublisher(KeyedBatches):
                 connecting = self._connecting = self.loop.create_task(self._channel_factory())
             channel = await asyncio.shield(connecting)  # a failure reaches every waiter; the next RPC retries
             if self._publish_rpc is None:
-                self._channel = channel
+                self._aio_channel = channel
                 self._publish_rpc = channel.unary_unary(PUBLISH_METHOD, request_serializer=_REQUEST.SerializeToString,
                                                         response_deserializer=_RESPONSE.FromString)
         return self._publish_rpc

@@ -11,11 +11,13 @@ requests, as Cloud Functions recommends.
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
 T = TypeVar("T")
+logger = logging.getLogger(__name__)
 
 
 class LoopRunner:
@@ -59,7 +61,8 @@ class LoopRunner:
 
         try:
             asyncio.run_coroutine_threadsafe(cancel_the_rest(), self._loop).result(timeout)
-        except Exception:  # a task that will not unwind must not keep the caller waiting
-            pass
+        except Exception as exc:  # a task that will not unwind must not keep the caller waiting
+            logger.warning("tasks on %s did not unwind within %g s (%s); stopping the loop anyway",
+                           self._thread.name, timeout, type(exc).__name__)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=timeout)

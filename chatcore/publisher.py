@@ -145,23 +145,27 @@ class KeyedBatches:
         self._settle(batch + (list(queue.waiting) if queue else []), [], error)
 
 
-class Publisher(KeyedBatches, OnClientChannel):
+class PublisherClientOwner(OnClientChannel):
+    """google-cloud-pubsub's ``PublisherClient``, created on first use, for the admin call both publishers offer."""
+
     client_class_name = "PublisherClient"
 
+    def get_topic(self, request, timeout=None):
+        return self.client.get_topic(request=request, timeout=timeout)
+
+
+class Publisher(KeyedBatches, PublisherClientOwner):
     def __init__(self, client=None, *, channel: grpc.Channel | None = None, max_in_flight: int = 16,
                  rpc_timeout: float = 60.0, retry_deadline: float = 60.0, initial_backoff: float = 0.1,
                  max_backoff: float = 5.0, idle_worker_seconds: float = 60.0):
         KeyedBatches.__init__(self, rpc_timeout, retry_deadline, initial_backoff, max_backoff)
-        OnClientChannel.__init__(self, client, channel)
+        PublisherClientOwner.__init__(self, client, channel)
         self.max_in_flight = max_in_flight
         self.idle_worker_seconds = idle_worker_seconds
         self._cond = threading.Condition()
         self._ready: deque = deque()  # keys with waiting messages and no RPC in flight
         self._workers = 0
         self._idle = 0  # workers waiting for work and not yet woken
-
-    def get_topic(self, request, timeout=None):
-        return self.client.get_topic(request=request, timeout=timeout)
 
     # -- publishing ----------------------------------------------------
     def publish(self, topic: str, data: bytes, ordering_key: str = "", **attributes: str) -> Future:

@@ -286,6 +286,7 @@ class _ReplyRun:
                 signals.request_stop()
                 return
 
+
 class _Signals:
     """What the producer and the watcher tell a reply's streaming loop, and the loop's one wait.
 
