@@ -7,7 +7,7 @@ Usage::
     sio = socketio.AsyncServer(client_manager=mgr, async_mode="aiohttp")
     await mgr.start()      # creates this instance's subscription, starts pulling
     ...
-    await mgr.close()      # flushes, stops pulling, deletes the subscription
+    await mgr.close()      # flushes, stops pulling, deletes the subscription (bounded)
 
 Like python-socketio's Redis and Kafka managers it subclasses
 ``AsyncPubSubManager`` and implements only ``_publish`` and ``_listen``. Two
@@ -67,16 +67,39 @@ class AsyncGooglePubSubManager(AsyncPubSubManager):
             self.server.manager_initialized = True
             self.initialize()
 
-    async def close(self) -> None:
-        """Flush pending emits, stop listening and delete the subscription."""
+    async def close(self, timeout: float = 15.0) -> None:
+        """Flush pending emits, stop listening and delete the subscription, within ``timeout`` seconds.
+
+        What does not fit (Pub/Sub unreachable) is abandoned with a WARNING;
+        see ``PubSubTransport.close``.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+
+        def left() -> float:
+            return max(0.0, deadline - loop.time())
+
         self._flush()
         thread = getattr(self, "thread", None)
         if thread is not None:
             thread.cancel()
             # Let the listener finish its own cleanup before the subscription
             # goes away, so it cannot see the deletion as a failure to recover from.
-            await asyncio.gather(thread, return_exceptions=True)
-        await asyncio.to_thread(self.transport.close)
+            wait = min(5.0, left())
+            done, _ = await asyncio.wait({thread}, timeout=wait)
+            if not done:
+                self._get_logger().warning("the bus listener did not stop within %.1fs; abandoned", wait)
+            elif not thread.cancelled():
+                thread.exception()  # retrieved, so asyncio does not report it as never retrieved
+        # transport.close keeps its own deadline; the wait here is a backstop
+        # (the thread, if it overruns, is abandoned; it holds nothing we need).
+        budget = left()
+        closing = asyncio.ensure_future(asyncio.to_thread(self.transport.close, budget))
+        done, _ = await asyncio.wait({closing}, timeout=budget + 1.0)
+        if not done:
+            self._get_logger().warning("closing the bus took longer than %.1fs; abandoned", budget + 1.0)
+        elif closing.exception() is not None:
+            self._get_logger().warning("closing the bus failed: %r", closing.exception())
 
     @property
     def healthy(self) -> bool:

@@ -24,12 +24,17 @@ from urllib.parse import parse_qs
 
 import jwt
 
+from . import protocol
 from .config import env_float, env_list, env_str
-from .errors import ConfigError, Unauthenticated
+from .errors import ConfigError, InvalidArgument, Unauthenticated
 
 HMAC_ALGORITHMS = ("HS256", "HS384", "HS512")
 ASYMMETRIC_ALGORITHMS = ("RS256", "RS384", "RS512", "ES256", "ES384", "ES512", "PS256", "PS384", "PS512")
 MAX_LEEWAY_SECONDS = 60.0
+# A key removed from the JWKS is refused at most this long after.
+JWKS_LIFESPAN_SECONDS = 300.0
+# An unknown kid refetches the key set at most this often.
+JWKS_COOLDOWN_SECONDS = 30.0
 REQUIRED_CLAIMS = ("exp", "iat", "sub")
 # Query parameters that carry a token, compared case-insensitively.
 QUERY_TOKEN_NAMES = frozenset({"token", "access_token", "id_token", "jwt", "auth", "authorization", "bearer"})
@@ -88,23 +93,32 @@ class Identity:
 class TokenVerifier:
     """Verifies bearer tokens against an :class:`AuthConfig`."""
 
-    def __init__(self, config: AuthConfig, *, jwks_client: jwt.PyJWKClient | None = None):
+    def __init__(self, config: AuthConfig, *, jwks_client: jwt.PyJWKClient | None = None,
+                 jwks_lifespan: float = JWKS_LIFESPAN_SECONDS, jwks_cooldown: float = JWKS_COOLDOWN_SECONDS):
         self.config = config
         self._jwks = jwks_client
         if self._jwks is None and config.jwks_url:
-            self._jwks = jwt.PyJWKClient(config.jwks_url, cache_keys=True, lifespan=300, timeout=5)
+            # Only the key set is cached, for ``jwks_lifespan``; a token naming
+            # an unknown kid refetches it, at most once per ``jwks_cooldown``
+            # (tokens with made-up kids cannot make us hammer the URL). PyJWT's
+            # per-kid cache (cache_keys=True) never expires: a key removed from
+            # the set, a revoked one included, stayed accepted until a restart.
+            self._jwks = jwt.PyJWKClient(config.jwks_url, cache_keys=False, cache_jwk_set=True,
+                                         lifespan=jwks_lifespan, cooldown_duration=jwks_cooldown, timeout=5)
 
     def uses_network(self, token: str) -> bool:
         """True when verifying this token may fetch a JWKS document (run it off the event loop)."""
         try:
             alg = jwt.get_unverified_header(token).get("alg")
-        except jwt.PyJWTError:
+        except (jwt.PyJWTError, ValueError):  # ValueError: not ASCII (verify refuses it)
             return False
         return alg in ASYMMETRIC_ALGORITHMS and self._jwks is not None and not self.config.public_key_pem
 
     def verify(self, token: Any) -> Identity:
         if not isinstance(token, str) or not token:
             raise Unauthenticated("missing token")
+        if not token.isascii():  # a JWT is base64url and dots
+            raise Unauthenticated("malformed token")
         try:
             header = jwt.get_unverified_header(token)
         except jwt.PyJWTError:
@@ -133,10 +147,14 @@ class TokenVerifier:
             # TypeError/ValueError: PyJWT refusing a key of the wrong type for
             # the header's alg (e.g. a JWKS RSA key named by an ES256 token).
             raise Unauthenticated("invalid token") from None
-        sub = claims.get("sub")
-        if not isinstance(sub, str) or not sub.strip() or "/" in sub or len(sub) > 256:
-            raise Unauthenticated("token subject is not a usable user id")
-        name = claims.get("name")
+        try:
+            sub = protocol.parse_user_id(claims.get("sub"))
+        except InvalidArgument:
+            raise Unauthenticated("token subject is not a usable user id") from None
+        try:
+            name = protocol.client_text(claims.get("name"), "name")
+        except InvalidArgument:
+            name = None  # a name the chat could not store or show: the user id stands in
         if not isinstance(name, str) or not name.strip():
             name = sub
         try:

@@ -58,9 +58,15 @@ class RateLimited(ChatError):
 
 
 class Unavailable(ChatError):
+    """A backend is slow, stalled or down. ``retry_after`` (seconds) tells the client when to try again."""
+
     code = "unavailable"
     http_status = 503
     default_message = "temporarily unavailable"
+
+    def __init__(self, message: str | None = None, retry_after: int | None = None):
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class ConfigError(Exception):

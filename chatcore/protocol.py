@@ -11,7 +11,7 @@ import re
 from datetime import UTC, datetime
 from typing import Any
 
-from .errors import InvalidArgument
+from .errors import InvalidArgument, TooLarge
 
 # Client -> server events.
 JOIN_ROOM = "join_room"
@@ -44,7 +44,14 @@ IN_PROGRESS_STATUSES = (PENDING, STREAMING)
 ROLE_USER = "user"
 ROLE_ASSISTANT = "assistant"
 
-_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
+# fullmatch, not match: "$" would let a trailing newline through. Firestore reserves ids like "__x__".
+_ID_RE = re.compile(r"(?!__.*__$)[A-Za-z0-9_-]{1,128}")
+_RESERVED_ID_RE = re.compile(r"__.*__", re.DOTALL)
+MAX_CLIENT_MESSAGE_ID = 128
+MAX_DISPLAY_NAME = 100
+# Control characters (C0, DEL, C1). Multi-line text may hold tab, line feed and carriage return.
+_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_CONTROL_IN_TEXT_RE = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
 
 
 def conversation_room(conversation_id: str) -> str:
@@ -61,16 +68,102 @@ def parse_conversation_id(value: Any) -> str:
         raise InvalidArgument("conversation_id must be a string")
     if isinstance(value, int):
         value = str(value)
-    if not isinstance(value, str) or not _ID_RE.match(value):
+    if not isinstance(value, str) or not _ID_RE.fullmatch(value):
         raise InvalidArgument("conversation_id must be a string of 1-128 letters, digits, '_' or '-'")
     return value
 
 
 def parse_user_id(value: Any) -> str:
-    """User ids come from token subjects; any non-blank string up to 256 chars."""
+    """User ids come from token subjects; any non-blank string up to 256 chars.
+
+    They also name Firestore documents (per-user quotas): no '/', and none of
+    the ids Firestore reserves ('.', '..', '__name__').
+    """
+    value = client_text(value, "user_id")
     if not isinstance(value, str) or not value.strip() or len(value) > 256 or "/" in value:
         raise InvalidArgument("user_id must be a non-empty string without '/' (at most 256 characters)")
+    if value in (".", "..") or _RESERVED_ID_RE.fullmatch(value):
+        raise InvalidArgument("user_id must not be '.', '..' or of the form '__name__' (reserved by the database)")
     return value
+
+
+# -- strings from clients ------------------------------------------------
+# Every string a client sends (event payloads, HTTP bodies, path segments,
+# dev-token names) reaches a handler through one of the parsers below, and
+# each of them calls ``client_text`` first: text the database cannot store
+# or a screen cannot show is refused here with ``invalid_argument``, never
+# deeper. Lengths count characters (code points, Python's ``len``): a 4-byte
+# emoji is one character, a letter plus a combining accent is two.
+def client_text(value: Any, field: str, *, multiline: bool = False) -> Any:
+    """``value`` if it is not a string, or a string that is valid Unicode without control characters.
+
+    Refused with ``InvalidArgument``: a lone surrogate (U+D800-U+DFFF, which
+    JSON's ``\\ud800`` escapes can produce but UTF-8 cannot encode), and a
+    control character (U+0000-U+001F, U+007F-U+009F: NUL and the like), except
+    tab, line feed and carriage return in ``multiline`` text (messages,
+    titles). Right-to-left marks, joiners, combining marks and characters
+    outside the Basic Multilingual Plane are ordinary text. Values of other
+    types are returned unchanged for the caller's own type check.
+    """
+    if not isinstance(value, str):
+        return value
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise InvalidArgument(f"{field} is not valid Unicode: it holds a lone surrogate "
+                              f"(U+{ord(value[err.start]):04X} at character {err.start})") from None
+    bad = (_CONTROL_IN_TEXT_RE if multiline else _CONTROL_RE).search(value)
+    if bad is not None:
+        allowed = " other than tab and line breaks" if multiline else ""
+        raise InvalidArgument(f"{field} must not hold control characters{allowed} "
+                              f"(U+{ord(bad.group()):04X} at character {bad.start()})")
+    return value
+
+
+def parse_message_text(value: Any, max_chars: int) -> str:
+    """A chat message: 1..``max_chars`` characters after trimming surrounding whitespace."""
+    if not isinstance(value, str):
+        raise InvalidArgument("message must be a string")
+    text = client_text(value, "message", multiline=True).strip()
+    if not text:
+        raise InvalidArgument("message must not be empty")
+    if len(text) > max_chars:
+        raise TooLarge(f"message is longer than {max_chars} characters")
+    return text
+
+
+def parse_client_message_id(value: Any) -> str | None:
+    """The optional idempotency key of ``send_message``: 1-128 characters, or absent."""
+    if value is None:
+        return None
+    value = client_text(value, "client_message_id")
+    if not isinstance(value, str) or not value or len(value) > MAX_CLIENT_MESSAGE_ID:
+        raise InvalidArgument(f"client_message_id must be a string of 1-{MAX_CLIENT_MESSAGE_ID} characters")
+    return value
+
+
+def parse_message_id(value: Any) -> str | None:
+    """An optional message id (``stop_generation``): ids are ours, letters, digits, '_' and '-'."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or not _ID_RE.fullmatch(value):
+        raise InvalidArgument("message_id must be a message id string")
+    return value
+
+
+def parse_display_name(value: Any) -> str | None:
+    """An optional display name (dev tokens): at most 100 characters on one line."""
+    if value is None:
+        return None
+    value = client_text(value, "name")
+    if not isinstance(value, str) or len(value) > MAX_DISPLAY_NAME:
+        raise InvalidArgument(f"name must be a string of at most {MAX_DISPLAY_NAME} characters")
+    return value
+
+
+def parse_title(value: Any) -> Any:
+    """A conversation title as sent (``None``, or anything for the store's own rules), once its text is valid."""
+    return client_text(value, "title", multiline=True)
 
 
 def timestamp(moment: datetime) -> str:
@@ -78,15 +171,18 @@ def timestamp(moment: datetime) -> str:
     return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
-def error_payload(code: str, message: str, event: str | None = None) -> dict:
+def error_payload(code: str, message: str, event: str | None = None, retry_after: int | None = None) -> dict:
+    """``{code, message[, retry_after][, event]}``: ``retry_after`` (seconds) comes with ``unavailable``."""
     payload = {"code": code, "message": message}
+    if retry_after is not None:
+        payload["retry_after"] = retry_after
     if event is not None:
         payload["event"] = event
     return payload
 
 
-def error_ack(code: str, message: str) -> dict:
-    return {"ok": False, "error": {"code": code, "message": message}}
+def error_ack(code: str, message: str, retry_after: int | None = None) -> dict:
+    return {"ok": False, "error": error_payload(code, message, retry_after=retry_after)}
 
 
 def chunk_payload(conversation_id: str, message_id: str, seq: int, chunk: str) -> dict:

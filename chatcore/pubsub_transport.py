@@ -22,6 +22,7 @@ import hashlib
 import json
 import logging
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
@@ -251,33 +252,73 @@ class PubSubTransport:
     def pulling(self) -> bool:
         return self._streaming is not None and not self._streaming.done()
 
-    def stop_pull(self) -> None:
+    def stop_pull(self, timeout: float = 5.0) -> None:
         # Swap first: close() and the listener's cleanup may both stop the pull.
         streaming, self._streaming = self._streaming, None
         if streaming is not None:
             streaming.cancel()
             try:
-                streaming.result(timeout=5)
+                streaming.result(timeout=timeout)
+            except TimeoutError:
+                logger.warning("the bus pull did not stop within %.1fs; abandoned", timeout)
             except Exception:  # cancelled futures raise; nothing to report
                 pass
 
-    def delete_subscription(self) -> None:
-        if self.subscription_path is None:
+    def delete_subscription(self, timeout: float = 5.0) -> None:
+        """Delete this instance's subscription, giving up after ``timeout`` seconds (retries included).
+
+        Never raises: a stopping instance must not hang on an unreachable
+        Pub/Sub. A subscription left behind is removed by its expiration policy.
+        """
+        path, self.subscription_path = self.subscription_path, None
+        if path is None:
+            return
+        template = self._subscription_template
+        expiry = (f"its {template.expiration_ttl_seconds / 3600:g} h expiration policy removes it"
+                  if template else "its expiration policy removes it")
+        if timeout <= 0:
+            logger.warning("subscription %s not deleted: no time left before the shutdown deadline; %s",
+                           path, expiry)
             return
         try:
-            self.subscriber.delete_subscription(request={"subscription": self.subscription_path}, timeout=5)
+            self.subscriber.delete_subscription(request={"subscription": path}, timeout=timeout)
         except gexc.NotFound:
             pass
-        self.subscription_path = None
+        except gexc.GoogleAPIError as exc:
+            unreachable = isinstance(exc, (gexc.RetryError, gexc.DeadlineExceeded, gexc.ServiceUnavailable))
+            logger.warning("subscription %s not deleted within %.1fs: %s (%s); %s", path, timeout,
+                           "backend unreachable" if unreachable else "refused", _summary(exc), expiry)
 
     def check(self, timeout: float = 3.0) -> None:
         """Raise if Pub/Sub cannot be reached (used by readiness probes)."""
         self.publisher.get_topic(request={"topic": self.topic_path}, timeout=timeout)
 
-    def close(self) -> None:
-        self.stop_pull()
-        self.flush()
-        self.delete_subscription()
+    def close(self, timeout: float = 15.0) -> None:
+        """Stop pulling, wait for what was published, delete the subscription: within ``timeout`` seconds.
+
+        Each step gets what is left of the deadline (the publishes at most
+        half, so the deletion keeps a share), and what does not fit is
+        abandoned with a WARNING: with Pub/Sub unreachable, the client's own
+        retries would otherwise hold the process for a minute or more.
+        """
+        deadline = time.monotonic() + timeout
+
+        def left() -> float:
+            return max(0.0, deadline - time.monotonic())
+
+        self.stop_pull(timeout=min(5.0, left()))
+        if not self.flush(timeout=left() / 2):
+            with self._lock:
+                pending = len(self._pending)
+            logger.warning("%d bus publishes not acknowledged by Pub/Sub before the shutdown deadline; abandoned "
+                           "(other instances' clients miss those emits)", pending)
+        self.delete_subscription(timeout=left())
+
+
+def _summary(error: BaseException) -> str:
+    """One line about a Pub/Sub error (a RetryError names its last cause)."""
+    cause = getattr(error, "cause", None) or error
+    return f"{type(cause).__name__}: {str(cause).splitlines()[0][:200] if str(cause) else ''}"
 
 
 def new_host_id() -> str:

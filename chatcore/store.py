@@ -23,12 +23,14 @@ implementation of every query.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import hashlib
+import logging
 import secrets
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -36,8 +38,11 @@ from google.api_core import exceptions as gexc
 from google.cloud import firestore
 
 from . import protocol
-from .errors import Forbidden, InvalidArgument, NotFound
+from .errors import ChatError, Forbidden, InvalidArgument, NotFound
 from .quotas import QUOTAS, QuotaPolicy, admit
+from .transactions import CommitUnknown, Deadline, bounded, run_transaction
+
+logger = logging.getLogger(__name__)
 
 CONVERSATIONS = "conversations"
 MESSAGES = "messages"
@@ -49,6 +54,10 @@ MAX_PAGE = 200
 # Firestore sustains about one write per second to one document; the
 # conversation's updated_at is therefore bumped at most this often.
 TOUCH_INTERVAL = timedelta(seconds=1)
+TOUCH_TIMEOUT_SECONDS = 5
+TOUCH_MEMORY = 10_000  # conversations remembered for the touch throttle before old entries are dropped
+# Callers that do not pass a deadline (tests, benchmarks) get this one.
+DEFAULT_DEADLINE_SECONDS = 10
 
 
 def utcnow() -> datetime:
@@ -222,11 +231,56 @@ def file_to_wire(record: Mapping[str, Any], file_urls: Mapping[str, str | None] 
     return wire
 
 
+@dataclass(frozen=True)
+class Send:
+    """One ``send_message``: what a user sent, with the message id it will be stored under."""
+
+    conversation_id: str
+    user_id: str
+    username: str
+    content: str
+    client_message_id: str | None
+    message_id: str
+
+    @classmethod
+    def new(cls, conversation_id: str, user_id: str, username: str, content: str,
+            client_message_id: str | None) -> Send:
+        # Deterministic with a client_message_id, so a retry finds the first attempt.
+        mid = user_message_id(conversation_id, user_id, client_message_id) if client_message_id else new_id()
+        return cls(conversation_id, user_id, username, content, client_message_id, mid)
+
+
+@dataclass(frozen=True)
+class Posted:
+    """A stored user message and its reply; ``created`` is False when an earlier attempt stored them."""
+
+    message: Message
+    reply: Message
+    created: bool = True
+
+
+def _plan(send: Send, now: datetime) -> Posted:
+    message = Message(id=send.message_id, conversation_id=send.conversation_id, role=protocol.ROLE_USER,
+                      content=send.content, user_id=send.user_id, username=send.username, created_at=now,
+                      status=protocol.COMPLETE, client_message_id=send.client_message_id)
+    # One microsecond later, so the reply always sorts after its question.
+    reply = Message(id=reply_id(send.message_id), conversation_id=send.conversation_id,
+                    role=protocol.ROLE_ASSISTANT, content="", user_id=send.user_id,
+                    created_at=now + timedelta(microseconds=1), status=protocol.PENDING, reply_to=send.message_id)
+    return Posted(message, reply)
+
+
+async def _collect(iterator: AsyncIterator) -> list:
+    return [item async for item in iterator]
+
+
 class ChatStore:
     """All Firestore reads and writes of the chat. The client is injected."""
 
     def __init__(self, client: firestore.AsyncClient):
         self.db = client
+        self._touched: dict[str, datetime] = {}  # conversation id -> when this instance last touched it
+        self._background: set[asyncio.Task] = set()
 
     # -- references ----------------------------------------------------
     def conversation_ref(self, conversation_id: str):
@@ -305,59 +359,134 @@ class ChatStore:
 
     # -- messages ------------------------------------------------------
     async def post_user_message(self, conversation_id: str, user_id: str, username: str, content: str,
-                                client_message_id: str | None, quota: QuotaPolicy | None = None
-                                ) -> tuple[Message, Message, bool]:
-        """Store a user message and its pending assistant reply in one transaction.
+                                client_message_id: str | None, quota: QuotaPolicy | None = None,
+                                deadline: Deadline | None = None) -> tuple[Message, Message, bool]:
+        """Store one user message and its pending reply; see :meth:`post_user_messages`.
 
-        The transaction also checks that ``user_id`` is a participant (so a
-        message cannot land in a conversation deleted or left meanwhile), and
-        reads the conversation, the retried message and the quota document in
-        a single batch: begin, one read, commit.
-
-        Returns ``(user_message, reply, created)``. With a ``client_message_id``
-        the ids are deterministic, so a retry finds the first attempt's
-        documents and ``created`` is False: nothing new is written. With a
-        ``quota``, the user's limits are checked and counted in the same
-        transaction; ``RateLimited`` means nothing was stored.
+        Returns ``(user_message, reply, created)``; raises the send's ``ChatError``.
         """
-        now = utcnow()
-        mid = user_message_id(conversation_id, user_id, client_message_id) if client_message_id else new_id()
-        user_msg = Message(id=mid, conversation_id=conversation_id, role=protocol.ROLE_USER, content=content,
-                           user_id=user_id, username=username, created_at=now, status=protocol.COMPLETE,
-                           client_message_id=client_message_id)
-        # One microsecond later, so the reply always sorts after its question.
-        reply = Message(id=reply_id(mid), conversation_id=conversation_id, role=protocol.ROLE_ASSISTANT,
-                        content="", user_id=user_id, created_at=now + timedelta(microseconds=1),
-                        status=protocol.PENDING, reply_to=mid)
-        conv_ref = self.conversation_ref(conversation_id)
-        user_ref, reply_ref = self.message_ref(conversation_id, mid), self.message_ref(conversation_id, reply.id)
-        quota_ref = self.db.collection(QUOTAS).document(user_id)
-        reads = [conv_ref] + ([user_ref] if client_message_id else []) + ([quota_ref] if quota else [])
+        send = Send.new(conversation_id, user_id, username, content, client_message_id)
+        [result] = await self.post_user_messages([send], quota, deadline)
+        if isinstance(result, ChatError):
+            raise result
+        return result.message, result.reply, result.created
 
-        @firestore.async_transactional
-        async def write(transaction) -> bool:
+    async def post_user_messages(self, sends: Sequence[Send], quota: QuotaPolicy | None = None,
+                                 deadline: Deadline | None = None) -> list[Posted | ChatError]:
+        """Store user messages and their pending replies, all in one transaction.
+
+        For each send, in order: the sender must be a participant (so a message
+        cannot land in a conversation deleted or left meanwhile); a send whose
+        ``client_message_id`` was stored before finds the first attempt's
+        documents and writes nothing (``created`` is False); with a ``quota``,
+        the sender's limits are checked and counted. A send that fails a check
+        gets its ``ChatError`` in the result list and stores nothing; the
+        others are stored. The transaction reads every document it needs in
+        one batch: begin, one read, commit.
+
+        One transaction for many sends is what keeps one user's many tabs from
+        fighting over their quota document (``chatcore.admission`` groups
+        them). Raises ``Unavailable`` when nothing was stored, ``CommitUnknown``
+        (with ``posted``, what was planned) when the commit was not confirmed.
+        """
+        deadline = deadline or Deadline(DEFAULT_DEADLINE_SECONDS)
+        now = utcnow()
+        planned = [_plan(send, now) for send in sends]
+        conv_refs = {s.conversation_id: self.conversation_ref(s.conversation_id) for s in sends}
+        quota_refs = {s.user_id: self.db.collection(QUOTAS).document(s.user_id) for s in sends} if quota else {}
+        retried = {p.message.id: self.message_ref(p.message.conversation_id, p.message.id)
+                   for send, p in zip(sends, planned, strict=True) if send.client_message_id}
+        reads = [*conv_refs.values(), *retried.values(), *quota_refs.values()]
+
+        async def body(transaction) -> tuple[list[Posted | ChatError], dict]:
             docs = {doc.reference.path: doc async for doc in self.db.get_all(reads, transaction=transaction)}
-            conv = participant_of(docs[conv_ref.path], user_id)
-            if client_message_id and docs[user_ref.path].exists:
-                return False
-            if quota is not None:
-                snapshot = docs[quota_ref.path]
-                transaction.set(quota_ref, admit(snapshot.to_dict() if snapshot.exists else None,
-                                                 reply.id, now, quota))
-            transaction.create(user_ref, user_msg.to_doc())
-            transaction.create(reply_ref, {**reply.to_doc(), "heartbeat_at": reply.created_at})
-            if now - conv.updated_at >= TOUCH_INTERVAL:
-                transaction.update(conv_ref, {"updated_at": now, "updated_key": order_key(now, conversation_id)})
-            return True
+            quotas = {uid: (docs[ref.path].to_dict() if docs[ref.path].exists else None)
+                      for uid, ref in quota_refs.items()}
+            counted: set[str] = set()
+            stored: set[str] = set()
+            results: list[Posted | ChatError] = []
+            for send, posted in zip(sends, planned, strict=True):
+                message, reply = posted.message, posted.reply
+                try:
+                    participant_of(docs[conv_refs[send.conversation_id].path], send.user_id)
+                    if message.id in retried and (docs[retried[message.id].path].exists or message.id in stored):
+                        results.append(replace(posted, created=False))
+                        continue
+                    if quota is not None:
+                        quotas[send.user_id] = admit(quotas[send.user_id], reply.id, now, quota)
+                        counted.add(send.user_id)
+                except ChatError as err:
+                    results.append(err)
+                    continue
+                transaction.create(self.message_ref(message.conversation_id, message.id), message.to_doc())
+                transaction.create(self.message_ref(reply.conversation_id, reply.id),
+                                   {**reply.to_doc(), "heartbeat_at": reply.created_at})
+                stored.add(message.id)
+                results.append(posted)
+            for uid in counted:
+                transaction.set(quota_refs[uid], quotas[uid])
+            return results, docs
 
         try:
-            created = await write(self.db.transaction())
-        except gexc.AlreadyExists:  # a concurrent retry of the same message won the race
-            created = False
-        if not created:
-            return (await self.get_message(conversation_id, mid), await self.get_message(conversation_id, reply.id),
-                    False)
-        return user_msg, reply, True
+            try:
+                results, docs = await run_transaction(self.db, body, deadline)
+            except gexc.AlreadyExists:
+                # A retry of the same message on another instance won the race;
+                # run again: this time the transaction sees its documents.
+                results, docs = await run_transaction(self.db, body, deadline)
+        except CommitUnknown as err:
+            err.posted = planned
+            raise
+        await self._read_back_retries(results, deadline)
+        for conv_ref in conv_refs.values():
+            if any(isinstance(r, Posted) and r.created and r.message.conversation_id == conv_ref.id
+                   for r in results):
+                self._touch_soon(docs[conv_ref.path], now)
+        return results
+
+    async def _read_back_retries(self, results: list[Posted | ChatError], deadline: Deadline) -> None:
+        """Replace the plans of retried sends by the documents the first attempt stored."""
+        for i, result in enumerate(results):
+            if isinstance(result, Posted) and not result.created:
+                refs = [self.message_ref(result.message.conversation_id, m.id) for m in (result.message, result.reply)]
+                docs = {d.id: d for d in await bounded(_collect(self.db.get_all(refs)), deadline)}
+                if not all(d.exists for d in docs.values()):
+                    results[i] = NotFound("message not found")
+                    continue
+                results[i] = Posted(Message.from_doc(result.message.conversation_id, docs[result.message.id]),
+                                    Message.from_doc(result.message.conversation_id, docs[result.reply.id]), False)
+
+    def _touch_soon(self, conv_doc, now: datetime) -> None:
+        """Bump the conversation's ``updated_at`` in the background, at most once a second.
+
+        Outside the message transaction: a write to the conversation there would
+        conflict with every other sender's read of it. The update is conditional
+        on the document being unchanged since the transaction read it, and this
+        instance skips conversations it touched less than ``TOUCH_INTERVAL``
+        ago, so concurrent senders cost at most about one write a second.
+        """
+        conversation_id = conv_doc.id
+        last = self._touched.get(conversation_id)
+        if (now - conv_doc.get("updated_at") < TOUCH_INTERVAL
+                or (last is not None and now - last < TOUCH_INTERVAL)):
+            return
+        self._touched[conversation_id] = now
+        if len(self._touched) > TOUCH_MEMORY:
+            self._touched = {c: t for c, t in self._touched.items() if now - t < TOUCH_INTERVAL}
+
+        async def touch() -> None:
+            try:
+                await asyncio.wait_for(conv_doc.reference.update(
+                    {"updated_at": now, "updated_key": order_key(now, conversation_id)},
+                    option=self.db.write_option(last_update_time=conv_doc.update_time)), TOUCH_TIMEOUT_SECONDS)
+            except (gexc.FailedPrecondition, gexc.NotFound):
+                pass  # changed meanwhile (another sender touched it, or it was renamed or deleted)
+            except Exception as exc:  # the list order is refreshed by the next message
+                logger.warning("could not touch conversation %s: %s", conversation_id, exc)
+
+        task = asyncio.ensure_future(touch())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def get_message(self, conversation_id: str, message_id: str) -> Message:
         doc = await self.message_ref(conversation_id, message_id).get()

@@ -27,6 +27,7 @@ from concurrent.futures import Future
 
 import grpc
 from google.api_core import exceptions as gexc
+from google.api_core import retry as retries
 from google.protobuf import empty_pb2
 from google.pubsub_v1 import types as pubsub_types
 
@@ -39,6 +40,9 @@ ACK_METHOD = "/google.pubsub.v1.Subscriber/Acknowledge"
 _PULL_REQUEST = pubsub_types.PullRequest.pb()
 _PULL_RESPONSE = pubsub_types.PullResponse.pb()
 _ACK_REQUEST = pubsub_types.AcknowledgeRequest.pb()
+# What a bounded delete_subscription retries (TRANSIENT, as google-api-core exceptions).
+DELETE_RETRYABLE = (gexc.ServiceUnavailable, gexc.InternalServerError, gexc.Unknown, gexc.ResourceExhausted,
+                    gexc.Aborted, gexc.DeadlineExceeded)
 
 
 class PulledMessage:
@@ -104,7 +108,17 @@ class Subscriber(OnClientChannel):
         return self.client.create_subscription(request=request)
 
     def delete_subscription(self, request, timeout=None):
-        return self.client.delete_subscription(request=request, timeout=timeout)
+        """As ``SubscriberClient.delete_subscription``, but ``timeout`` bounds the whole call, retries included.
+
+        The client's own retry policy keeps trying an unreachable Pub/Sub for
+        60 s whatever ``timeout`` says (it bounds each attempt only), which
+        held a stopping instance far past its grace period.
+        """
+        if timeout is None:
+            return self.client.delete_subscription(request=request)
+        retry = retries.Retry(predicate=retries.if_exception_type(*DELETE_RETRYABLE), initial=0.1, maximum=1.0,
+                              multiplier=2.0, timeout=timeout)
+        return self.client.delete_subscription(request=request, retry=retry, timeout=timeout)
 
     # -- the stream ------------------------------------------------------------
     def subscribe(self, subscription: str, callback, flow_control=None) -> PullStream:

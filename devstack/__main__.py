@@ -1,7 +1,8 @@
 """``make dev``: run the whole local stack in the foreground until Ctrl-C or SIGTERM.
 
 Prints what runs where, then ``READY <url>`` once every component answers.
-Stopping ends every process it started (emulator JVMs included) within 15 s.
+Stopping ends every process it started (emulator JVMs included) within 15 s;
+if this process is killed instead, they die with it (processes.WATCHDOG).
 """
 
 from __future__ import annotations

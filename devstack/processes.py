@@ -1,9 +1,13 @@
-"""Child processes that can always be stopped completely.
+"""Child processes that can always be stopped completely, and die with their parent.
 
-Every child starts in its own session (process group). ``gcloud beta
-emulators ... start`` is a Python wrapper around a Java child; ending only
-the wrapper can leave the JVM holding its port, so we signal the whole
-group, escalate to SIGKILL, and then confirm the port is free.
+Every child starts in its own process group. ``gcloud beta emulators ...
+start`` is a Python wrapper around a Java child; ending only the wrapper can
+leave the JVM holding its port, so we signal the whole group, escalate to
+SIGKILL, and then confirm the port is free.
+
+If the parent dies without stopping them (SIGKILL, an out-of-memory kill, a CI
+time-out), a watchdog in each group kills the whole group (see ``WATCHDOG``).
+POSIX only (Linux and macOS); the local stack does not run on Windows.
 """
 
 from __future__ import annotations
@@ -17,6 +21,26 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+
+# The watchdog: a tiny ``sh`` in the child's process group whose stdin is the
+# read end of a pipe; only this (parent) process holds the write end. When the
+# parent exits, however it exits, the kernel closes the write end, ``read``
+# returns at EOF, and ``kill 0`` SIGKILLs the whole group, the watchdog with it.
+#
+# Why not PR_SET_PDEATHSIG in a preexec_fn: the kernel clears it in the child
+# of a fork(), so it would reach the gcloud wrapper but not the emulator JVM
+# it forks (nor gunicorn's worker under functions-framework), which would be
+# orphaned holding their ports; and it fires when the *thread* that forked the
+# child exits, so a stack started from a worker thread (bench/ai_stream.py
+# starts its stack with ``asyncio.to_thread``) would die when that thread ends. The pipe closes
+# only when the whole parent process is gone, and ``kill 0`` reaches every
+# process of the group, grandchildren included: nothing in the stack leaves
+# its group (checked by tests/integration/test_stack_faults.py).
+#
+# The watchdog ignores SIGHUP, SIGINT and SIGTERM, so the graceful stop (SIGTERM
+# to the group) leaves it in place until the stop's final SIGKILL. While it
+# lives the group id cannot be reused, so ``kill 0`` never hits a stranger.
+WATCHDOG = "trap '' HUP INT TERM; read -r _ || :; kill -s KILL 0"
 
 
 def free_port() -> int:
@@ -61,15 +85,49 @@ class Managed:
     env: dict[str, str] = field(default_factory=dict)
     log_path: Path | None = None
     proc: subprocess.Popen | None = None
+    backend: bool = False  # an emulator or fake-gcs-server: stopped after the services that use it
+    watchdog: subprocess.Popen | None = None
+    _lifeline: int | None = field(default=None, repr=False)  # the watchdog pipe's write end, ours only
 
     def start(self) -> None:
         if not port_is_free(self.port):
             raise RuntimeError(f"{self.name}: port 127.0.0.1:{self.port} is already in use")
+        self._release_watchdog()  # a restart: the previous group is gone
         stdout = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
+        # process_group=0: a group of its own, in our session, so the watchdog can join it.
         self.proc = subprocess.Popen(self.argv, env={**os.environ, **self.env}, stdout=stdout,
-                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, process_group=0)
         if self.log_path:
             stdout.close()
+        self._start_watchdog()
+
+    def _start_watchdog(self) -> None:
+        """Put a ``WATCHDOG`` in the child's group: the group dies when this process does."""
+        read_end, write_end = os.pipe()  # both non-inheritable: no other child gets a copy
+        try:
+            self.watchdog = subprocess.Popen(["/bin/sh", "-c", WATCHDOG], stdin=read_end,
+                                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                             process_group=self.proc.pid)
+        except (OSError, subprocess.SubprocessError):
+            # The group can only be gone if the child exited already (and was
+            # reaped): nothing is left to guard, and wait_until reports the exit.
+            os.close(write_end)
+            return
+        finally:
+            os.close(read_end)
+        self._lifeline = write_end
+
+    def _release_watchdog(self) -> None:
+        """Close our end of the lifeline (the watchdog then kills what is left of the group) and reap it."""
+        if self._lifeline is not None:
+            os.close(self._lifeline)
+            self._lifeline = None
+        if self.watchdog is not None:
+            try:
+                self.watchdog.wait(timeout=2)
+            except subprocess.TimeoutExpired:
+                pass
+            self.watchdog = None
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
@@ -107,14 +165,21 @@ class Managed:
             self.proc.wait(timeout=2)
         except subprocess.TimeoutExpired:
             pass
+        self._release_watchdog()
         deadline = time.monotonic() + 3
         while not port_is_free(self.port) and time.monotonic() < deadline:
             time.sleep(0.05)
 
 
 def stop_all(processes: list[Managed], timeout: float = 6.0) -> None:
-    """Stop in reverse start order, signalling everyone first so waits overlap."""
-    for p in reversed(processes):
-        p.signal_group(signal.SIGTERM)
-    for p in reversed(processes):
-        p.stop(timeout=timeout)
+    """Stop our services first, then the backends they use, each tier in reverse start order.
+
+    Within a tier everyone is signalled first, so the waits overlap. The
+    services stop while their backends still answer, so their shutdown (the
+    socket service deleting its subscription) is quick and clean.
+    """
+    for tier in ([p for p in processes if not p.backend], [p for p in processes if p.backend]):
+        for p in reversed(tier):
+            p.signal_group(signal.SIGTERM)
+        for p in reversed(tier):
+            p.stop(timeout=timeout)

@@ -13,7 +13,9 @@ endpoint as a push envelope (``{"message": {...}, "subscription": ...}``),
 up to ``--max-in-flight`` at once, and acknowledges on a 2xx answer. Any other
 answer or a timeout makes the message come back after a backoff, as a push
 subscription's retry policy does; after ``max_delivery_attempts`` the
-emulator moves it to the dead-letter topic.
+emulator moves it to the dead-letter topic. On SIGTERM it stops pulling at
+once and gives the pushes in flight ``--grace`` seconds, even when the
+emulator is gone.
 
 Run by devstack (``Stack.start_ai_function``) as its own process::
 
@@ -27,8 +29,8 @@ import argparse
 import base64
 import logging
 import signal
+import sys
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import requests
@@ -38,6 +40,9 @@ from google.cloud import pubsub_v1
 logger = logging.getLogger("push-relay")
 # The answers a push subscription counts as an acknowledgement.
 PUSH_ACK_STATUSES = {102, 200, 201, 202, 204}
+# What the pushes in flight get after SIGTERM; devstack SIGKILLs the relay 6 s
+# after SIGTERM (processes.Managed.stop), so the relay stops first, and says so.
+GRACE_SECONDS = 4.0
 
 
 def envelope(received, subscription: str) -> dict:
@@ -61,25 +66,46 @@ class PushRelay:
         self.timeout = timeout
         self.retry_seconds = retry_seconds
         self.client = pubsub_v1.SubscriberClient()
-        self.pool = ThreadPoolExecutor(max_workers=max_in_flight, thread_name_prefix="push")
         self.slots = threading.BoundedSemaphore(max_in_flight)
         self.stopping = threading.Event()
+        self._in_flight = 0
+        self._settled = threading.Condition()
         self._local = threading.local()
 
     def run(self) -> None:
         while not self.stopping.is_set():
             try:
+                # retry=None: this loop is the retry, and it looks at `stopping`
+                # between attempts. The client's default retry policy keeps
+                # calling an unreachable emulator for 60 s, deaf to SIGTERM.
                 response = self.client.pull(request={"subscription": self.subscription, "max_messages": 100},
-                                            timeout=5)
+                                            retry=None, timeout=5)
             except gexc.DeadlineExceeded:
                 continue  # a long poll that found nothing
-            except gexc.GoogleAPICallError as exc:
+            except gexc.GoogleAPIError as exc:
                 logger.warning("pull failed: %s", exc)
                 self.stopping.wait(1)
                 continue
             for received in response.received_messages:
                 self.slots.acquire()
-                self.pool.submit(self._deliver, received)
+                if self.stopping.is_set():
+                    self.slots.release()
+                    break  # the rest come back after their ack deadline
+                with self._settled:
+                    self._in_flight += 1
+                # Daemon threads: a push stuck on a dead endpoint or emulator
+                # must not keep the process alive past its grace period (drain).
+                threading.Thread(target=self._deliver, args=(received,), name="push", daemon=True).start()
+
+    def drain(self, grace: float) -> int:
+        """Wait up to ``grace`` seconds for the pushes in flight; how many were abandoned."""
+        with self._settled:
+            self._settled.wait_for(lambda: self._in_flight == 0, timeout=grace)
+            left = self._in_flight
+        if left:
+            logger.warning("stopping with %d pushes still in flight after %.1fs (endpoint or Pub/Sub not "
+                           "answering); abandoned: Pub/Sub redelivers them after their ack deadline", left, grace)
+        return left
 
     def _deliver(self, received) -> None:
         try:
@@ -107,6 +133,9 @@ class PushRelay:
             logger.exception("push relay failed on a message; it comes back after its ack deadline")
         finally:
             self.slots.release()
+            with self._settled:
+                self._in_flight -= 1
+                self._settled.notify_all()
 
 
 def serve_health(port: int) -> None:
@@ -125,21 +154,41 @@ def serve_health(port: int) -> None:
     threading.Thread(target=server.serve_forever, daemon=True).start()
 
 
-def main() -> None:
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--subscription", required=True, help="projects/<p>/subscriptions/<name>")
     parser.add_argument("--endpoint", required=True, help="the URL a push subscription would POST to")
     parser.add_argument("--port", type=int, required=True, help="health port on 127.0.0.1")
     parser.add_argument("--max-in-flight", type=int, default=128)
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds a push may take (the ack deadline)")
+    parser.add_argument("--grace", type=float, default=GRACE_SECONDS,
+                        help="seconds the pushes in flight get to finish after SIGTERM")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     relay = PushRelay(args.subscription, args.endpoint, max_in_flight=args.max_in_flight, timeout=args.timeout)
+    failed = threading.Event()
+
+    def pull_loop() -> None:
+        try:
+            relay.run()
+        except Exception:
+            logger.exception("the pull loop failed; stopping")
+            failed.set()
+            relay.stopping.set()
+
     signal.signal(signal.SIGTERM, lambda *_: relay.stopping.set())
+    signal.signal(signal.SIGINT, lambda *_: relay.stopping.set())
     serve_health(args.port)
     logger.info("relaying %s to %s", args.subscription, args.endpoint)
-    relay.run()
+    # The pull runs in a daemon thread, so a Pull call in flight (up to 5 s, or
+    # hung on a frozen emulator) never delays the stop; this thread only waits.
+    threading.Thread(target=pull_loop, name="pull", daemon=True).start()
+    while not relay.stopping.wait(1):
+        pass
+    relay.drain(args.grace)
+    logger.info("stopped")
+    return 1 if failed.is_set() else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -163,11 +163,11 @@ class Stack:
         jvm = emulator_jvm_env()
         fs = Managed("firestore-emulator", ["gcloud", "beta", "emulators", "firestore", "start",
                                             f"--host-port=127.0.0.1:{self.ports.firestore}", "--quiet"],
-                     self.ports.firestore, log_path=self.log_dir / "firestore.log", env=jvm)
+                     self.ports.firestore, log_path=self.log_dir / "firestore.log", env=jvm, backend=True)
         ps = Managed("pubsub-emulator", ["gcloud", "beta", "emulators", "pubsub", "start",
                                          f"--host-port=127.0.0.1:{self.ports.pubsub}",
                                          f"--project={self.project_id}", "--quiet"],
-                     self.ports.pubsub, log_path=self.log_dir / "pubsub.log", env=jvm)
+                     self.ports.pubsub, log_path=self.log_dir / "pubsub.log", env=jvm, backend=True)
         # Both JVMs start in parallel; each takes a few seconds.
         for proc in (fs, ps):
             self.processes.append(proc)
@@ -181,7 +181,7 @@ class Stack:
             "-event.pubsub-project-id", self.project_id, "-event.pubsub-topic", topology.load().gcs_uploads_topic,
             "-cors-headers", GCS_CORS_HEADERS, "-log-level", "warn"],
             self.ports.gcs, env={"PUBSUB_EMULATOR_HOST": f"127.0.0.1:{self.ports.pubsub}"},
-            log_path=self.log_dir / "fake-gcs.log")
+            log_path=self.log_dir / "fake-gcs.log", backend=True)
         self._start(gcs, lambda: http_ok(f"http://127.0.0.1:{self.ports.gcs}/storage/v1/b"), 30)
         self.provision_buckets()
 

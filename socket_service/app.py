@@ -4,7 +4,8 @@ Google Cloud clients are created here, once, unless the caller injects them
 (tests, benchmarks). Start-up creates this instance's bus subscription before
 the port serves traffic; shutdown (SIGTERM) marks the instance not ready,
 disconnects its clients so they reconnect elsewhere, and deletes the
-subscription.
+subscription, all within SHUTDOWN_GRACE_SECONDS even when the backends are
+unreachable (what does not fit is abandoned, with a WARNING).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from chatcore.signing import UrlSigner
 from chatcore.store import ChatStore
 
 from . import http_api
+from .frames import ChatServer
 from .realtime import ChatNamespace
 from .settings import Settings
 from .ui import add_ui_routes
@@ -61,6 +63,20 @@ class AiRequestPublisher:
                     "the AI service could not be reached"), room=protocol.conversation_room(request.conversation_id))
 
 
+# Left for on_cleanup (closing the Firestore client) when the bus closes at the deadline.
+CLEANUP_RESERVE_SECONDS = 0.5
+
+
+async def _within(awaitable, seconds: float, what: str) -> None:
+    """Await a shutdown step for at most ``seconds``; a step that overruns or fails is abandoned, with a WARNING."""
+    try:
+        await asyncio.wait_for(awaitable, seconds)
+    except TimeoutError:
+        logger.warning("shutdown: %s took longer than %.1fs; abandoned", what, seconds)
+    except Exception as exc:
+        logger.warning("shutdown: %s failed (%r); going on", what, exc)
+
+
 def create_app(settings: Settings, *, firestore_client=None, publisher=None, subscriber=None,
                verifier: TokenVerifier | None = None, storage_client=None,
                signer: UrlSigner | None = None) -> web.Application:
@@ -72,10 +88,12 @@ def create_app(settings: Settings, *, firestore_client=None, publisher=None, sub
         settings.gcp.project_id, topo.chat_events_topic, subscription=topo.instance_subscription,
         pack_window=settings.bus_pack_window_ms / 1000, publisher=publisher, subscriber=subscriber,
         logger=logging.getLogger("chatcore.bus"))
-    sio = socketio.AsyncServer(
+    # A python-socketio AsyncServer that closes connections sending malformed frames (frames.py).
+    sio = ChatServer(
         async_mode="aiohttp", client_manager=bus, cors_allowed_origins=list(settings.cors_allowed_origins)
         if "*" not in settings.cors_allowed_origins else "*",
-        max_http_buffer_size=settings.max_http_buffer_size, logger=False, engineio_logger=False)
+        max_http_buffer_size=settings.max_http_buffer_size, logger=False, engineio_logger=False,
+        malformed_warnings=settings.malformed_frame_warnings, malformed_window=settings.malformed_frame_window_seconds)
     verifier = verifier or TokenVerifier(settings.auth)
     ai_requests = AiRequestPublisher(bus.transport.publisher, settings.gcp.project_id, topo.ai_requests_topic,
                                      store, sio)
@@ -120,15 +138,30 @@ def create_app(settings: Settings, *, firestore_client=None, publisher=None, sub
                     bus.transport.subscription_path)
 
     async def on_shutdown(app: web.Application) -> None:
+        # Every step shares one deadline, SHUTDOWN_GRACE_SECONDS after SIGTERM,
+        # and what does not fit is abandoned with a WARNING. With Pub/Sub
+        # unreachable, the bus's flush and subscription deletion would
+        # otherwise retry for a minute or more (Cloud Run SIGKILLs after 10 s).
+        loop = asyncio.get_running_loop()
+        grace = settings.shutdown_grace_seconds
+        deadline = loop.time() + grace
+
+        def left() -> float:
+            return max(0.0, deadline - loop.time())
+
         app[http_api.STATE]["shutting_down"] = True
-        app[http_api.STATE]["sweeper"].cancel()
+        sweeper = app[http_api.STATE].get("sweeper")
+        if sweeper is not None:
+            sweeper.cancel()
         sids = [sid for sid, _ in bus.get_participants("/", None)]
         logger.info("shutting down: disconnecting %d clients", len(sids))
         # ignore_queue: these clients are ours; telling the bus would cost one
-        # message per client for nothing.
-        await asyncio.gather(*(sio.disconnect(sid, ignore_queue=True) for sid in sids), return_exceptions=True)
-        await sio.shutdown()
-        await bus.close()
+        # message per client for nothing. Local work: a quarter of the grace at most.
+        disconnects = asyncio.gather(*(sio.disconnect(sid, ignore_queue=True) for sid in sids), return_exceptions=True)
+        await _within(disconnects, min(grace / 4, left()), f"disconnecting {len(sids)} clients")
+        await _within(sio.shutdown(), min(grace / 4, left()), "closing the Socket.IO server")
+        # The bus gets the rest, less a moment for on_cleanup.
+        await bus.close(timeout=max(0.0, left() - CLEANUP_RESERVE_SECONDS))
 
     async def on_cleanup(app: web.Application) -> None:
         db.close()

@@ -21,6 +21,7 @@ from chatcore import uploads as uploads_mod
 from chatcore.auth import Identity, TokenVerifier, bearer_token, issue_token
 from chatcore.errors import ChatError, InvalidArgument, NotFound, Unauthenticated, Unavailable
 from chatcore.signing import SigningUnavailable, UrlSigner
+from chatcore.transactions import is_transient, unavailable
 
 from .settings import Settings
 
@@ -35,16 +36,21 @@ SIGNER = web.AppKey("signer", UrlSigner)
 STORAGE = web.AppKey("storage", object)  # google.cloud.storage.Client of the uploads bucket
 
 MAX_JSON_BODY = 64 * 1024
+READY_CHECK_SECONDS = 2.5
 
 
 def _error_response(err: ChatError) -> web.Response:
-    return web.json_response({"error": err.to_dict()}, status=err.http_status)
+    response = web.json_response({"error": err.to_dict()}, status=err.http_status)
+    retry_after = getattr(err, "retry_after", None)
+    if retry_after is not None:
+        response.headers["Retry-After"] = str(retry_after)
+    return response
 
 
 @web.middleware
 async def error_middleware(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]):
     try:
-        return await handler(request)
+        return await _within_deadline(request, handler)
     except ChatError as err:
         return _error_response(err)
     except web.HTTPException as exc:
@@ -54,9 +60,30 @@ async def error_middleware(request: web.Request, handler: Callable[[web.Request]
             return web.json_response({"error": {"code": "invalid_argument", "message": "method not allowed"}},
                                      status=405)
         raise
-    except Exception:
+    except Exception as exc:
+        if is_transient(exc):  # a backend error the store did not translate
+            return _error_response(unavailable())
         logger.exception("HTTP %s %s failed", request.method, request.path)
         return _error_response(ChatError("internal error"))
+
+
+async def _within_deadline(request: web.Request, handler) -> web.StreamResponse:
+    """The API handler's response, or ``Unavailable`` (503, ``Retry-After``) once the request deadline passes.
+
+    The handler runs as a task of its own, so the answer is due at the
+    deadline even when its clean-up after cancellation waits on a stalled
+    backend. Only ``/api/`` routes: the Socket.IO transport's long-lived
+    requests, the UI's files and the health checks are not API calls.
+    """
+    if not request.path.startswith("/api/"):
+        return await handler(request)
+    task = asyncio.ensure_future(handler(request))
+    done, _ = await asyncio.wait({task}, timeout=request.app[SETTINGS].request_deadline_seconds)
+    if not done:
+        task.cancel()
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())  # retrieved: nothing to report
+        raise unavailable()
+    return task.result()
 
 
 def cors_middleware(allowed: tuple[str, ...]):
@@ -105,6 +132,8 @@ async def json_body(request: web.Request) -> dict:
         body = json.loads(raw)
     except ValueError:
         raise InvalidArgument("body must be JSON") from None
+    except RecursionError:
+        raise InvalidArgument("body is nested too deeply") from None
     if not isinstance(body, dict):
         raise InvalidArgument("body must be a JSON object")
     return body
@@ -124,14 +153,15 @@ async def readyz(request: web.Request) -> web.Response:
     if state.get("shutting_down"):
         return web.json_response({"status": "shutting down"}, status=503)
     checks = {}
+    # Each check has its own bound: a stalled backend must not stall the probe.
     try:
-        await request.app[STORE].ping()
+        await asyncio.wait_for(request.app[STORE].ping(), READY_CHECK_SECONDS)
         checks["firestore"] = "ok"
     except Exception as exc:  # any failure means not ready; say which
         checks["firestore"] = f"unreachable: {type(exc).__name__}"
     bus = state["bus"]
     try:
-        await bus.check()
+        await asyncio.wait_for(bus.check(), READY_CHECK_SECONDS)
         checks["bus"] = "ok" if bus.healthy else "not listening"
     except Exception as exc:
         checks["bus"] = f"unreachable: {type(exc).__name__}"
@@ -156,9 +186,7 @@ async def dev_token(request: web.Request) -> web.Response:
     s = request.app[SETTINGS]
     body = await json_body(request)
     user_id = protocol.parse_user_id(body.get("user_id"))
-    name = body.get("name")
-    if name is not None and (not isinstance(name, str) or len(name) > 100):
-        raise InvalidArgument("name must be a string of at most 100 characters")
+    name = protocol.parse_display_name(body.get("name"))
     token = issue_token(s.auth.secret, user_id, name=name or None, ttl_seconds=s.dev_token_ttl_seconds,
                         algorithm=next(a for a in s.auth.algorithms if a.startswith("HS")),
                         extra={k: v for k, v in (("iss", s.auth.issuer), ("aud", s.auth.audience)) if v})
@@ -169,7 +197,8 @@ async def dev_token(request: web.Request) -> web.Response:
 async def create_conversation(request: web.Request) -> web.Response:
     user = await identity(request)
     body = await json_body(request)
-    conv = await request.app[STORE].create_conversation(user.user_id, store_mod.clean_title(body.get("title")))
+    title = store_mod.clean_title(protocol.parse_title(body.get("title")))
+    conv = await request.app[STORE].create_conversation(user.user_id, title)
     return web.json_response(conv.to_wire(), status=201)
 
 
@@ -186,7 +215,7 @@ async def rename_conversation(request: web.Request) -> web.Response:
     if "title" not in body:
         raise InvalidArgument("title is required")
     conv = await request.app[STORE].rename_conversation(conversation_id(request), user.user_id,
-                                                        store_mod.clean_title(body["title"]))
+                                                        store_mod.clean_title(protocol.parse_title(body["title"])))
     return web.json_response(conv.to_wire())
 
 

@@ -10,23 +10,36 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from contextvars import ContextVar
 from typing import Any
 
 import socketio
 
 from chatcore import protocol
+from chatcore.admission import SendAdmissions
 from chatcore.ai_requests import AiRequest
 from chatcore.auth import TokenVerifier, handshake_token
-from chatcore.errors import ChatError, Forbidden, InvalidArgument, RateLimited, TooLarge, Unauthenticated
+from chatcore.errors import (
+    ChatError,
+    Forbidden,
+    InvalidArgument,
+    NotFound,
+    RateLimited,
+    Unauthenticated,
+)
 from chatcore.replies import ReplyStore
-from chatcore.store import ChatStore
+from chatcore.store import ChatStore, Message, Posted, Send
+from chatcore.transactions import CommitUnknown, Deadline, is_transient, unavailable
 
 from .ratelimit import TokenBucket
 from .settings import Settings
 
 logger = logging.getLogger(__name__)
 
-MAX_CLIENT_MESSAGE_ID = 128
+# After a commit that was not confirmed, how many times to look for the message (backing off to 10 s).
+SETTLE_ATTEMPTS = 20
+# The deadline of the request being handled; handlers pass it on to the store.
+REQUEST_DEADLINE: ContextVar[Deadline] = ContextVar("request_deadline")
 
 
 def connection_refused(err: ChatError) -> socketio.exceptions.ConnectionRefusedError:
@@ -52,6 +65,8 @@ class ChatNamespace(socketio.AsyncNamespace):
         self.ai_requests = ai_requests  # async callable(AiRequest)
         self._expiry_timers: dict[str, asyncio.TimerHandle] = {}
         self._buckets: dict[str, TokenBucket] = {}
+        self.admissions = SendAdmissions(store, settings.quota)
+        self._background: set[asyncio.Task] = set()
 
     # -- dispatch ------------------------------------------------------
     async def trigger_event(self, event: str, *args):
@@ -67,16 +82,50 @@ class ChatNamespace(socketio.AsyncNamespace):
                 raise RateLimited("slow down: too many events")
             if not isinstance(payload, dict):
                 raise InvalidArgument("payload must be a JSON object")
-            return await handler(sid, payload)
+            return await self._within_deadline(handler(sid, payload))
         except ChatError as err:
             return await self._refuse(sid, event, err)
-        except Exception:
+        except Exception as exc:
+            if is_transient(exc):  # a backend error the store did not translate
+                return await self._refuse(sid, event, unavailable())
             logger.exception("handler for %s failed", event)
             return await self._refuse(sid, event, ChatError("internal error"))
 
+    async def _within_deadline(self, work):
+        """The handler's answer, or ``Unavailable`` once the request deadline passes.
+
+        The handler runs as a task of its own, so an answer is due at the
+        deadline even if the handler's clean-up after cancellation waits on a
+        stalled backend; that clean-up then finishes in the background.
+        """
+        deadline = Deadline(self.settings.request_deadline_seconds)
+        token = REQUEST_DEADLINE.set(deadline)
+        try:
+            task = asyncio.ensure_future(work)
+        finally:
+            REQUEST_DEADLINE.reset(token)
+        done, _ = await asyncio.wait({task}, timeout=deadline.remaining())
+        if not done:
+            task.cancel()
+            self._keep(task)
+            raise unavailable()
+        return task.result()
+
+    def _keep(self, task: asyncio.Task) -> None:
+        """Hold a reference to a background task until it ends, and log its failure."""
+        self._background.add(task)
+
+        def done(t: asyncio.Task) -> None:
+            self._background.discard(t)
+            if not t.cancelled() and t.exception() is not None and not isinstance(t.exception(), ChatError):
+                logger.warning("background work after a request failed: %r", t.exception())
+
+        task.add_done_callback(done)
+
     async def _refuse(self, sid: str, event: str, err: ChatError) -> dict:
-        await self.emit(protocol.ERROR, protocol.error_payload(err.code, err.message, event), to=sid)
-        return protocol.error_ack(err.code, err.message)
+        retry_after = getattr(err, "retry_after", None)
+        await self.emit(protocol.ERROR, protocol.error_payload(err.code, err.message, event, retry_after), to=sid)
+        return protocol.error_ack(err.code, err.message, retry_after)
 
     # -- connection ----------------------------------------------------
     async def on_connect(self, sid: str, environ: dict, auth: Any = None):
@@ -136,30 +185,61 @@ class ChatNamespace(socketio.AsyncNamespace):
     # -- messages ------------------------------------------------------
     async def on_send_message(self, sid: str, data: dict):
         conversation_id = protocol.parse_conversation_id(data.get("conversation_id"))
-        text = data.get("message")
-        if not isinstance(text, str):
-            raise InvalidArgument("message must be a string")
-        text = text.strip()
-        if not text:
-            raise InvalidArgument("message must not be empty")
-        if len(text) > self.settings.max_message_chars:
-            raise TooLarge(f"message is longer than {self.settings.max_message_chars} characters")
-        client_message_id = data.get("client_message_id")
-        if client_message_id is not None and (not isinstance(client_message_id, str) or not client_message_id
-                                              or len(client_message_id) > MAX_CLIENT_MESSAGE_ID):
-            raise InvalidArgument(f"client_message_id must be a string of 1-{MAX_CLIENT_MESSAGE_ID} characters")
+        text = protocol.parse_message_text(data.get("message"), self.settings.max_message_chars)
+        client_message_id = protocol.parse_client_message_id(data.get("client_message_id"))
         user = await self._identity(sid)
-        user_msg, reply, created = await self.store.post_user_message(
-            conversation_id, user["user_id"], user["name"], text, client_message_id, quota=self.settings.quota)
-        if not created:
-            return {"ok": True, "message_id": user_msg.id}
-        room = protocol.conversation_room(conversation_id)
-        await self.emit(protocol.NEW_MESSAGE, user_msg.to_wire(), room=room)
-        await self.emit(protocol.AI_THINKING, protocol.thinking_payload(conversation_id, reply.id), room=room)
-        await self.ai_requests(AiRequest(conversation_id=conversation_id, message_id=reply.id,
-                                         user_message_id=user_msg.id, user_id=user["user_id"],
-                                         requested_at=protocol.timestamp(user_msg.created_at)))
-        return {"ok": True, "message_id": user_msg.id}
+        send = Send.new(conversation_id, user["user_id"], user["name"], text, client_message_id)
+        # Storing and announcing go on even if this request's answer is given
+        # up at the deadline: a message that ends up stored is always announced.
+        posting = asyncio.ensure_future(self._post(send, REQUEST_DEADLINE.get()))
+        self._keep(posting)
+        message = await asyncio.shield(posting)
+        return {"ok": True, "message_id": message.id}
+
+    async def _post(self, send: Send, deadline: Deadline) -> Message:
+        try:
+            posted = await self.admissions.post(send, deadline)
+        except CommitUnknown as unknown:
+            self._keep(asyncio.ensure_future(self._settle_unknown(unknown.posted)))
+            raise
+        if posted.created:
+            await self._announce(posted)
+        return posted.message
+
+    async def _announce(self, posted: Posted) -> None:
+        """Broadcast a newly stored message, then hand its reply to the AI function."""
+        message, reply = posted.message, posted.reply
+        room = protocol.conversation_room(message.conversation_id)
+        await self.emit(protocol.NEW_MESSAGE, message.to_wire(), room=room)
+        await self.emit(protocol.AI_THINKING, protocol.thinking_payload(message.conversation_id, reply.id), room=room)
+        await self.ai_requests(AiRequest(conversation_id=message.conversation_id, message_id=reply.id,
+                                         user_message_id=message.id, user_id=message.user_id,
+                                         requested_at=protocol.timestamp(message.created_at)))
+
+    async def _settle_unknown(self, planned: Posted) -> None:
+        """After a commit that was not confirmed: once the database answers, announce the message if it was stored.
+
+        The sender was told ``unavailable`` (the message may still be stored);
+        a retry with the same ``client_message_id`` returns its id.
+        """
+        delay = 0.5
+        for _ in range(SETTLE_ATTEMPTS):
+            await asyncio.sleep(delay)
+            try:
+                stored = await self.store.get_message(planned.message.conversation_id, planned.message.id)
+            except NotFound:
+                logger.info("message %s was not stored (commit not confirmed)", planned.message.id)
+                return
+            except Exception as exc:
+                logger.info("message %s: outcome still unknown (%s)", planned.message.id, exc)
+                delay = min(delay * 2, 10)
+                continue
+            if stored.created_at == planned.message.created_at:
+                logger.warning("message %s was stored although its sender was told unavailable; announcing it",
+                               planned.message.id)
+                await self._announce(planned)
+            return
+        logger.error("message %s: outcome unknown after %d attempts", planned.message.id, SETTLE_ATTEMPTS)
 
     async def on_typing(self, sid: str, data: dict):
         conversation_id = protocol.parse_conversation_id(data.get("conversation_id"))
@@ -177,9 +257,7 @@ class ChatNamespace(socketio.AsyncNamespace):
 
     async def on_stop_generation(self, sid: str, data: dict):
         conversation_id = protocol.parse_conversation_id(data.get("conversation_id"))
-        message_id = data.get("message_id")
-        if message_id is not None and (not isinstance(message_id, str) or not message_id or "/" in message_id):
-            raise InvalidArgument("message_id must be a message id string")
+        message_id = protocol.parse_message_id(data.get("message_id"))
         user = await self._identity(sid)
         await self.store.require_participant(conversation_id, user["user_id"])
         results = await self.replies.request_stop(conversation_id, message_id)

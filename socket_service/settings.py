@@ -54,6 +54,8 @@ class Settings:
     bus_pack_window_ms: float
     events_per_second: float
     event_burst: int
+    malformed_frame_warnings: int
+    malformed_frame_window_seconds: float
     ai_max_concurrent_per_user: int
     ai_messages_per_window: int
     ai_window_seconds: int
@@ -61,6 +63,7 @@ class Settings:
     reply_stale_seconds: int
     reply_sweep_seconds: float
     shutdown_grace_seconds: float
+    request_deadline_seconds: float
     gc_tuning: bool
     log_level: str
 
@@ -102,6 +105,8 @@ class Settings:
             bus_pack_window_ms=env_float(env, "BUS_PACK_WINDOW_MS", 2.0, minimum=0, maximum=100),
             events_per_second=env_float(env, "EVENTS_PER_SECOND", 20.0, minimum=0.1),
             event_burst=env_int(env, "EVENT_BURST", 40, minimum=1),
+            malformed_frame_warnings=env_int(env, "MALFORMED_FRAME_WARNINGS", 10, minimum=1),
+            malformed_frame_window_seconds=env_float(env, "MALFORMED_FRAME_WINDOW_SECONDS", 60.0, minimum=0.1),
             ai_max_concurrent_per_user=env_int(env, "AI_MAX_CONCURRENT_PER_USER", 2, minimum=1),
             ai_messages_per_window=env_int(env, "AI_MESSAGES_PER_WINDOW", 30, minimum=1),
             ai_window_seconds=env_int(env, "AI_WINDOW_SECONDS", 60, minimum=1),
@@ -109,6 +114,7 @@ class Settings:
             reply_stale_seconds=env_int(env, "REPLY_STALE_SECONDS", 60, minimum=2),
             reply_sweep_seconds=env_float(env, "REPLY_SWEEP_SECONDS", 10.0, minimum=0.5),
             shutdown_grace_seconds=env_float(env, "SHUTDOWN_GRACE_SECONDS", 8.0, minimum=0, maximum=60),
+            request_deadline_seconds=env_float(env, "REQUEST_DEADLINE_SECONDS", 10.0, minimum=0.5, maximum=60),
             gc_tuning=env_bool(env, "GC_TUNING", True),
             log_level=env_choice(env, "LOG_LEVEL", "info", ("debug", "info", "warning", "error")),
         )

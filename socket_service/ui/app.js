@@ -788,7 +788,8 @@
       ev.preventDefault();
       const text = $("composer").value;
       if (!text.trim() || !state.currentId) return;
-      if (text.trim().length > state.config.max_message_chars) {
+      // Characters as the server counts them (code points): an emoji is one, not two UTF-16 units.
+      if (Array.from(text.trim()).length > state.config.max_message_chars) {
         notice("Message too long (at most " + state.config.max_message_chars + " characters).", true);
         return;
       }

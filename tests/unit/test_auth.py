@@ -556,3 +556,34 @@ def test_env_readers():
 def test_env_reader_errors_name_the_variable(reader, raw):
     with pytest.raises(ConfigError, match="SOME_INT"):
         reader({"SOME_INT": raw})
+
+
+def test_jwks_key_rotation_accepts_both_keys_until_the_old_one_leaves_the_set(ec_key):
+    """Rotation: old and new kid both work while both are published; the old one is refused once removed.
+
+    The verifier caches the key set for ``jwks_lifespan`` (300 s in service;
+    0.2 s here), so a removed key is refused at the next refresh; an unknown
+    kid refetches the set at most once per ``jwks_cooldown`` (30 s; 0 here).
+    """
+    new_key = ec.generate_private_key(ec.SECP256R1())
+
+    def jwk(key, kid):
+        data = ECAlgorithm.to_jwk(key.public_key(), as_dict=True)
+        data.update({"kid": kid, "use": "sig", "alg": "ES256"})
+        return data
+
+    old_jwk, new_jwk = jwk(ec_key, "2026-11"), jwk(new_key, "2026-12")
+    old_token = jwt.encode(claims("olga"), ec_key, algorithm="ES256", headers={"kid": "2026-11"})
+    new_token = jwt.encode(claims("nina"), new_key, algorithm="ES256", headers={"kid": "2026-12"})
+    with JwksServer({"keys": [old_jwk]}) as server:
+        verifier = TokenVerifier(AuthConfig(algorithms=("ES256",), jwks_url=server.base + "/jwks.json"),
+                                 jwks_lifespan=0.2, jwks_cooldown=0)
+        assert verifier.verify(old_token).user_id == "olga"
+        server.jwks = {"keys": [old_jwk, new_jwk]}
+        assert verifier.verify(new_token).user_id == "nina", "an unknown kid refetches the set"
+        assert verifier.verify(old_token).user_id == "olga"
+        server.jwks = {"keys": [new_jwk]}
+        time.sleep(0.3)  # past the key set's lifespan: the next verification refetches it
+        with pytest.raises(Unauthenticated):
+            verifier.verify(old_token)
+        assert verifier.verify(new_token).user_id == "nina"

@@ -56,6 +56,8 @@ def parse_body(raw: bytes, settings: Settings) -> UploadRequest:
         body = json.loads(raw) if raw.strip() else None
     except ValueError:
         raise InvalidArgument("body must be JSON") from None
+    except RecursionError:
+        raise InvalidArgument("body is nested too deeply") from None
     if not isinstance(body, dict):
         raise InvalidArgument("body must be a JSON object")
     conversation_id = protocol.parse_conversation_id(body.get("conversation_id"))
@@ -91,7 +93,7 @@ def _caption(raw: Any, settings: Settings) -> str:
         return ""
     if not isinstance(raw, str):
         raise InvalidArgument("message must be a string")
-    caption = raw.strip()
+    caption = protocol.client_text(raw, "message", multiline=True).strip()
     if len(caption) > settings.max_caption_chars:
         raise TooLarge(f"message is longer than {settings.max_caption_chars} characters")
     return caption
