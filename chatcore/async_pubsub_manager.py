@@ -55,6 +55,8 @@ class AsyncGooglePubSubManager(AsyncPubSubManager):
         self._flush_handle: asyncio.Handle | None = None
         self._queue: asyncio.Queue | None = None
         self._started = False
+        self._resync_due = False  # the subscription vanished: disconnect the clients once pulling again
+        self._resyncs: set[asyncio.Task] = set()
 
     # -- lifecycle -----------------------------------------------------
     async def start(self) -> None:
@@ -140,6 +142,32 @@ class AsyncGooglePubSubManager(AsyncPubSubManager):
         for sid in members:
             await socketio.AsyncManager.leave_room(self, sid, namespace, message.get("room"))
 
+    def _resync_clients(self) -> None:
+        """After the subscription vanished: disconnect every client of this instance, so that each re-syncs.
+
+        The emits published while this instance had no subscription are lost
+        to it (tests/integration/test_bus_faults.py: a Pub/Sub emulator killed
+        and restarted empty; in production, a subscription deleted or
+        expired). Its clients cannot tell which events they missed, so they
+        would keep a reply with holes, or never learn that it ended. Now
+        the subscription exists again: a client that reconnects and joins its
+        rooms gets the gap-free snapshot of the replies in progress, and the
+        history has the rest (PROTOCOL.md), which is what clients do after a
+        disconnect (the chat UI does it by itself), as after an instance's
+        shutdown.
+        """
+        if self.server is None:
+            return
+        clients = [(namespace, sid) for namespace in list(self.rooms)
+                   for sid, _ in self.get_participants(namespace, None)]
+        self._get_logger().warning("room bus: messages were lost while the subscription did not exist; "
+                                   "disconnecting %d clients so that they re-join", len(clients))
+        task = asyncio.ensure_future(asyncio.gather(
+            *(self.server.disconnect(sid, namespace=namespace, ignore_queue=True) for namespace, sid in clients),
+            return_exceptions=True))
+        self._resyncs.add(task)
+        task.add_done_callback(self._resyncs.discard)
+
     # -- AsyncPubSubManager hooks --------------------------------------
     async def _publish(self, data: dict) -> None:
         self._buffer.append(data)
@@ -170,7 +198,10 @@ class AsyncGooglePubSubManager(AsyncPubSubManager):
 
         try:
             if self.transport.subscription_path is None:
+                vanished = self.transport.vanished
                 await asyncio.to_thread(self.transport.create_subscription)
+                if self.transport.vanished != vanished:
+                    self._resync_due = True
 
             def on_messages(items: list[dict]) -> None:
                 inbox.append(items)
@@ -186,6 +217,9 @@ class AsyncGooglePubSubManager(AsyncPubSubManager):
             self.transport.subscription_path = None
             await asyncio.sleep(self.restart_delay)
             raise
+        if self._resync_due:
+            self._resync_due = False
+            self._resync_clients()
         try:
             while True:
                 await ready.wait()

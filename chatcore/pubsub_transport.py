@@ -134,6 +134,10 @@ class PubSubTransport:
         self._pending: set = set()
         self._pending_empty = threading.Condition(self._lock)
         self.subscription_path: str | None = None
+        # How many times the subscription had to be created again because it had vanished
+        # (see create_subscription); the async manager re-syncs its clients after each.
+        self.vanished = 0
+        self._subscribed_before = False
         self._streaming = None
         # The latest publish error, and how many bus messages were lost in all.
         self.last_publish_error: BaseException | None = None
@@ -217,8 +221,16 @@ class PubSubTransport:
         }
         try:
             self.subscriber.create_subscription(request=request)
+            # Created, not found: if this transport had one before, it vanished (deleted,
+            # expired, a Pub/Sub emulator restarted empty) together with the messages it held,
+            # and nothing was kept for this instance while it did not exist.
+            if self._subscribed_before:
+                self.vanished += 1
+                logger.warning("subscription %s had vanished and was created again; the bus messages "
+                               "published meanwhile are lost to this instance", path)
         except gexc.AlreadyExists:
             pass
+        self._subscribed_before = True
         self.subscription_path = path
         return path
 

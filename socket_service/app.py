@@ -29,6 +29,7 @@ from chatcore.store import ChatStore
 
 from . import http_api
 from .frames import ChatServer
+from .headers import security_headers, security_headers_middleware
 from .realtime import ChatNamespace
 from .settings import Settings
 from .ui import add_ui_routes
@@ -39,8 +40,13 @@ logger = logging.getLogger(__name__)
 class AiRequestPublisher:
     """Hands a reply request to the AI function through the ``ai-requests`` topic.
 
-    If Pub/Sub refuses it (after the client's own retries), the reply is
-    marked failed and the room is told, so nobody waits for it forever.
+    The call returns once the request is queued; the publish (with the
+    client's own retries, up to a minute) is settled in the background. If
+    Pub/Sub refuses it, the reply is marked failed and the room is told, so
+    nobody waits for it forever. ``send_message`` used to await the publish:
+    with Pub/Sub frozen or down, its ack came at the request deadline as
+    ``unavailable`` ("nothing was changed") although the message was stored
+    and its reply followed later (tests/integration/test_bus_faults.py).
     """
 
     def __init__(self, publisher: Publisher, project_id: str, topic: str,
@@ -49,18 +55,41 @@ class AiRequestPublisher:
         self.topic_path = f"projects/{project_id}/topics/{topic}"
         self.store = store
         self.sio = sio
+        self._in_flight: set[asyncio.Task] = set()
 
     async def __call__(self, request: AiRequest) -> None:
         try:
             future = self.publisher.publish(self.topic_path, request.encode(), **request.attributes())
+        except Exception as exc:
+            await self._failed(request, exc)
+            return
+        task = asyncio.ensure_future(self._settle(request, future))
+        self._in_flight.add(task)
+        task.add_done_callback(self._in_flight.discard)
+
+    async def _settle(self, request: AiRequest, future) -> None:
+        try:
             await asyncio.wrap_future(future)
         except Exception as exc:
-            logger.error("could not publish AI request for %s: %s", request.message_id, exc)
-            if await self.store.fail_reply(request.conversation_id, request.message_id, "unavailable",
-                                           "the AI service could not be reached"):
-                await self.sio.emit(protocol.AI_RESPONSE_ERROR, protocol.ai_error_payload(
-                    request.conversation_id, request.message_id, "unavailable",
-                    "the AI service could not be reached"), room=protocol.conversation_room(request.conversation_id))
+            await self._failed(request, exc)
+
+    async def _failed(self, request: AiRequest, exc: BaseException) -> None:
+        logger.error("could not publish AI request for %s: %s", request.message_id, exc)
+        try:
+            failed = await self.store.fail_reply(request.conversation_id, request.message_id, "unavailable",
+                                                 "the AI service could not be reached")
+        except Exception as error:  # the stale-reply sweeper fails it later
+            logger.warning("could not mark reply %s failed: %r", request.message_id, error)
+            return
+        if failed:
+            await self.sio.emit(protocol.AI_RESPONSE_ERROR, protocol.ai_error_payload(
+                request.conversation_id, request.message_id, "unavailable",
+                "the AI service could not be reached"), room=protocol.conversation_room(request.conversation_id))
+
+    async def drain(self) -> None:
+        """Wait for the requests still being published (at shutdown, within its deadline)."""
+        while self._in_flight:
+            await asyncio.wait(set(self._in_flight))  # unlike gather, a time-out here cancels none of them
 
 
 # Left for on_cleanup (closing the Firestore client) when the bus closes at the deadline.
@@ -99,7 +128,8 @@ def create_app(settings: Settings, *, firestore_client=None, publisher=None, sub
                                      store, sio)
     sio.register_namespace(ChatNamespace(settings, store, verifier, ai_requests))
 
-    app = web.Application(middlewares=[http_api.cors_middleware(settings.cors_allowed_origins),
+    app = web.Application(middlewares=[security_headers_middleware(security_headers(settings)),
+                                       http_api.cors_middleware(settings.cors_allowed_origins),
                                        http_api.error_middleware], client_max_size=1024 * 1024)
     app[http_api.SETTINGS] = settings
     app[http_api.STORE] = store
@@ -160,6 +190,8 @@ def create_app(settings: Settings, *, firestore_client=None, publisher=None, sub
         disconnects = asyncio.gather(*(sio.disconnect(sid, ignore_queue=True) for sid in sids), return_exceptions=True)
         await _within(disconnects, min(grace / 4, left()), f"disconnecting {len(sids)} clients")
         await _within(sio.shutdown(), min(grace / 4, left()), "closing the Socket.IO server")
+        # Requests of messages already stored: a lost one leaves its reply pending until the stale sweep.
+        await _within(ai_requests.drain(), min(grace / 4, left()), "publishing AI requests")
         # The bus gets the rest, less a moment for on_cleanup.
         await bus.close(timeout=max(0.0, left() - CLEANUP_RESERVE_SECONDS))
 

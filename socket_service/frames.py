@@ -44,6 +44,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import json
 import logging
 import time
@@ -61,6 +62,8 @@ from socketio import packet as sio_packet
 
 logger = logging.getLogger(__name__)
 
+# A connection cut off for what it does gets this long to receive what was queued for it.
+CUT_OFF_FLUSH_SECONDS = 2.0
 DEFAULT_WARNINGS_PER_WINDOW = 10
 DEFAULT_WINDOW_SECONDS = 60.0
 
@@ -193,12 +196,22 @@ class GuardedWebSocket(eio_aiohttp.WebSocket):
 
     async def __call__(self, environ):
         self.socket = self.handler.__self__  # the engineio AsyncSocket this WebSocket carries
+        self.server.websockets[self.socket] = self
         return await super().__call__(environ)
+
+    async def close_for_policy(self) -> None:
+        """Close (1008) once what was queued before (the refusal, the last answers) is out, within a bound."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.socket.queue.join(), CUT_OFF_FLUSH_SECONDS)
+        await self._sock.close(code=WSCloseCode.POLICY_VIOLATION, message=b"too many events")
 
     async def wait(self):
         server: GuardedEngineIOServer = self.server
         if server.is_refused(self.socket):
             return await self._close_refused()
+        if server.is_cut_off(self.socket):
+            await self.close_for_policy()
+            return None
         message = await self._sock.receive()
         if message.type == WSMsgType.ERROR and getattr(message.data, "code", None) != WSCloseCode.MESSAGE_TOO_BIG:
             # A broken WebSocket frame (say, text that is not UTF-8); aiohttp has closed the socket already.
@@ -244,6 +257,9 @@ class GuardedEngineIOServer(engineio.AsyncServer):
         super().__init__(*args, **kwargs)
         self.frame_warnings = WarningBudget(logger)
         self._refused: weakref.WeakSet = weakref.WeakSet()
+        self._cut_off: weakref.WeakSet = weakref.WeakSet()
+        self._closing: set[asyncio.Task] = set()
+        self.websockets: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # engineio socket -> its WebSocket
         translate = self._async["translate_request"]
 
         def translate_request(*a, **kw):
@@ -258,6 +274,30 @@ class GuardedEngineIOServer(engineio.AsyncServer):
 
     def is_refused(self, socket) -> bool:
         return socket in self._refused
+
+    def is_cut_off(self, socket) -> bool:
+        return socket in self._cut_off
+
+    async def cut_off(self, sid: str) -> None:
+        """Close a connection for what it does (a flood), not for its framing.
+
+        Socket.IO's own ``disconnect`` only leaves the namespace: a client
+        that ignores the DISCONNECT packet keeps its Engine.IO connection and
+        can go on sending. A WebSocket is closed (1008) once what was queued
+        for it is out (at most ``CUT_OFF_FLUSH_SECONDS``), a long-polling
+        session at once.
+        """
+        socket = self.sockets.get(sid)
+        if socket is None or socket in self._cut_off:
+            return
+        self._cut_off.add(socket)
+        websocket = self.websockets.get(socket)
+        if websocket is not None:
+            # Closing the WebSocket ends its receive loop, even one waiting on an idle client.
+            self._closing.add(asyncio.ensure_future(websocket.close_for_policy()))
+            self._closing = {t for t in self._closing if not t.done()}
+        elif not socket.upgraded:
+            await socket.close(wait=False, reason=self.reason.SERVER_DISCONNECT)
 
     async def refuse_frame(self, sid: str | None, reason: str) -> None:
         """Log the refusal (once per connection, within the budget) and close the connection.

@@ -31,11 +31,16 @@ from chatcore.replies import ReplyStore
 from chatcore.store import ChatStore, Message, Posted, Send
 from chatcore.transactions import CommitUnknown, Deadline, is_transient, unavailable
 
-from .ratelimit import TokenBucket
+from .ratelimit import FloodWatch, TokenBucket
 from .settings import Settings
 
 logger = logging.getLogger(__name__)
 
+# A connection refused more than this many bursts' worth of events within 10 s is disconnected.
+FLOOD_REFUSALS_PER_BURST = 5
+# After a cut-off, the user's new connections to this instance are refused for this long.
+FLOOD_COOLDOWN_SECONDS = 10
+MAX_COOLING_USERS = 10_000
 # After a commit that was not confirmed, how many times to look for the message (backing off to 10 s).
 SETTLE_ATTEMPTS = 20
 # The deadline of the request being handled; handlers pass it on to the store.
@@ -65,6 +70,8 @@ class ChatNamespace(socketio.AsyncNamespace):
         self.ai_requests = ai_requests  # async callable(AiRequest)
         self._expiry_timers: dict[str, asyncio.TimerHandle] = {}
         self._buckets: dict[str, TokenBucket] = {}
+        self._floods: dict[str, FloodWatch] = {}
+        self._cooling: dict[str, float] = {}  # user id -> until when (monotonic) new connections are refused
         self.admissions = SendAdmissions(store, settings.quota)
         self._background: set[asyncio.Task] = set()
 
@@ -79,6 +86,9 @@ class ChatNamespace(socketio.AsyncNamespace):
                 raise InvalidArgument(f"unknown event {event!r}")
             bucket = self._buckets.get(sid)
             if bucket is not None and not bucket.take():
+                flood = self._floods.get(sid)
+                if flood is not None and flood.refused():
+                    return await self._cut_off(sid, event)
                 raise RateLimited("slow down: too many events")
             if not isinstance(payload, dict):
                 raise InvalidArgument("payload must be a JSON object")
@@ -122,6 +132,29 @@ class ChatNamespace(socketio.AsyncNamespace):
 
         task.add_done_callback(done)
 
+    async def _cut_off(self, sid: str, event: str) -> dict:
+        """Close a connection that keeps flooding past its rate limit; it may reconnect and slow down."""
+        err = RateLimited("too many events: disconnected")
+        logger.warning("connection %s kept sending past its rate limit; disconnected", sid)
+        answer = await self._refuse(sid, event, err)
+        self._floods.pop(sid, None)
+        user = await self._identity(sid)
+        now = time.monotonic()
+        if len(self._cooling) > MAX_COOLING_USERS:
+            self._cooling = {u: t for u, t in self._cooling.items() if t > now}
+        self._cooling[user["user_id"]] = now + FLOOD_COOLDOWN_SECONDS
+        await self._close_transport(self._eio_sid(sid))
+        await self.disconnect(sid)
+        return answer
+
+    def _eio_sid(self, sid: str) -> str | None:
+        return self.server.manager.eio_sid_from_sid(sid, self.namespace)
+
+    async def _close_transport(self, eio_sid: str | None) -> None:
+        """Close an Engine.IO connection, not only its namespace (see ``frames.GuardedEngineIOServer.cut_off``)."""
+        if eio_sid is not None and hasattr(self.server.eio, "cut_off"):
+            await self.server.eio.cut_off(eio_sid)
+
     async def _refuse(self, sid: str, event: str, err: ChatError) -> dict:
         retry_after = getattr(err, "retry_after", None)
         await self.emit(protocol.ERROR, protocol.error_payload(err.code, err.message, event, retry_after), to=sid)
@@ -137,9 +170,17 @@ class ChatNamespace(socketio.AsyncNamespace):
                 identity = self.verifier.verify(token)
         except Unauthenticated as err:
             raise connection_refused(err) from None
+        cooling = self._cooling.get(identity.user_id, 0) - time.monotonic()
+        if cooling > 0:
+            # The user's last connection here was cut off for flooding: refuse
+            # at once, then close the Engine.IO connection (in a task of its
+            # own, so the refusal packet is queued before the close).
+            self._keep(asyncio.ensure_future(self._close_transport(self._eio_sid(sid))))
+            raise connection_refused(RateLimited(f"too many events: reconnect in {cooling:.0f} s"))
         await self.save_session(sid, {"user_id": identity.user_id, "name": identity.name})
         await self.enter_room(sid, protocol.user_room(identity.user_id))
         self._buckets[sid] = TokenBucket(self.settings.events_per_second, self.settings.event_burst)
+        self._floods[sid] = FloodWatch(FLOOD_REFUSALS_PER_BURST * self.settings.event_burst)
         loop = asyncio.get_running_loop()
         delay = max(0.0, identity.expires_at - time.time())
         self._expiry_timers[sid] = loop.call_later(delay, lambda: asyncio.ensure_future(self._expire(sid)))
@@ -156,6 +197,7 @@ class ChatNamespace(socketio.AsyncNamespace):
         if timer is not None:
             timer.cancel()
         self._buckets.pop(sid, None)
+        self._floods.pop(sid, None)
 
     async def _identity(self, sid: str) -> dict:
         return await self.get_session(sid)

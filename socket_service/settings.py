@@ -31,6 +31,8 @@ from chatcore.errors import ConfigError
 from chatcore.quotas import QuotaPolicy
 from chatcore.signing import SigningConfig
 
+from .headers import SELF, origin_of
+
 AI_PROVIDERS = ("offline", "gemini", "openai")
 
 
@@ -44,6 +46,7 @@ class Settings:
     dev_tokens: bool
     dev_token_ttl_seconds: int
     cors_allowed_origins: tuple[str, ...]
+    frame_ancestors: tuple[str, ...]
     max_message_chars: int
     max_http_buffer_size: int
     upload_url: str
@@ -95,6 +98,7 @@ class Settings:
             dev_tokens=env_bool(env, "DEV_TOKENS", local),
             dev_token_ttl_seconds=env_int(env, "DEV_TOKEN_TTL_SECONDS", 3600, minimum=5, maximum=86400),
             cors_allowed_origins=env_list(env, "CORS_ALLOWED_ORIGINS", ("*",) if local else ()),
+            frame_ancestors=env_list(env, "FRAME_ANCESTORS", (SELF,) if local else ()),
             max_message_chars=env_int(env, "MAX_MESSAGE_CHARS", 8000, minimum=1),
             max_http_buffer_size=env_int(env, "MAX_HTTP_BUFFER_SIZE", 1_000_000, minimum=1024),
             upload_url=env_str(env, "UPLOAD_URL", "http://127.0.0.1:8081/" if local else ""),
@@ -128,6 +132,9 @@ class Settings:
                 raise ConfigError("DEV_TOKENS is enabled but CHAT_ENV=production: refusing to start")
             if not self.cors_allowed_origins or "*" in self.cors_allowed_origins:
                 raise ConfigError("CHAT_ENV=production needs explicit CORS_ALLOWED_ORIGINS (no '*')")
+        bad = [o for o in self.frame_ancestors if o != SELF and origin_of(o) != o]
+        if bad:
+            raise ConfigError(f"FRAME_ANCESTORS takes origins (https://host[:port]) or 'self', not {bad}")
         if self.dev_tokens and not any(a in HMAC_ALGORITHMS for a in self.auth.algorithms):
             raise ConfigError("DEV_TOKENS needs an HS* algorithm in JWT_ALGORITHMS and a JWT_SECRET")
         parsed = urlparse(self.upload_url)

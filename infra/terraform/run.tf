@@ -33,6 +33,8 @@ locals {
     AI_MAX_CONCURRENT_PER_USER = var.ai_max_concurrent_per_user
     AI_MESSAGES_PER_WINDOW     = var.ai_messages_per_window
     AI_WINDOW_SECONDS          = var.ai_window_seconds
+    # Empty: nobody may frame the chat (frame-ancestors 'none').
+    FRAME_ANCESTORS = join(",", var.frame_ancestors)
   }
   socket_service_environment = { for k, v in merge(local.socket_service_env, {
     for name, value in local.socket_service_optional_env : name => value if value != null && value != ""

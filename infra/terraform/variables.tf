@@ -142,6 +142,17 @@ variable "cors_allowed_origins" {
   }
 }
 
+variable "frame_ancestors" {
+  type        = list(string)
+  description = "Origins allowed to frame the chat page (an application that embeds it and hands it a token with postMessage). Empty: framing is refused (frame-ancestors 'none')."
+  default     = []
+
+  validation {
+    condition     = alltrue([for o in var.frame_ancestors : can(regex("^https://[a-z0-9.-]+(:[0-9]+)?$", o))])
+    error_message = "Each origin must be https://host[:port], without a path, a trailing slash or a wildcard."
+  }
+}
+
 variable "log_level" {
   type        = string
   description = "LOG_LEVEL of every deployable."

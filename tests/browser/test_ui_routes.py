@@ -8,10 +8,11 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from socket_service.ui import UI_DIR, add_ui_routes, content_security_policy
+from socket_service.headers import content_security_policy
+from socket_service.ui import UI_DIR, add_ui_routes
 
 SETTINGS = SimpleNamespace(upload_url="http://127.0.0.1:8081/", signing=SimpleNamespace(endpoint="http://127.0.0.1:4443"),
-                           cors_allowed_origins=("https://app.example.com",))
+                           frame_ancestors=("'self'", "https://app.example.com"))
 
 
 @pytest.fixture
@@ -26,7 +27,7 @@ async def test_the_page_and_its_files_carry_strict_headers(client):
     r = await client.get("/")
     assert r.status == 200 and r.headers["Content-Type"] == "text/html; charset=utf-8"
     assert r.headers["Content-Security-Policy"] == content_security_policy(
-        "http://127.0.0.1:8081/", "http://127.0.0.1:4443", ("https://app.example.com",))
+        "http://127.0.0.1:8081/", "http://127.0.0.1:4443", ("'self'", "https://app.example.com"))
     assert r.headers["X-Content-Type-Options"] == "nosniff"
     html = await r.text()
     assert "<script>" not in html and "http" not in html.split("<body>")[0]  # no inline script, no CDN
@@ -39,11 +40,16 @@ async def test_the_page_and_its_files_carry_strict_headers(client):
 
 def test_the_policy_allows_only_what_the_page_needs():
     csp = dict(part.split(" ", 1) for part in content_security_policy(
-        "http://127.0.0.1:8081/upload", "https://storage.googleapis.com", ("https://app.example.com",)).split("; "))
+        "http://127.0.0.1:8081/upload", "https://storage.googleapis.com", ("'self'", "https://app.example.com")).split("; "))
     assert csp["default-src"] == "'none'" and csp["script-src"] == "'self'" and csp["style-src"] == "'self'"
     assert csp["connect-src"] == "'self' http://127.0.0.1:8081 https://storage.googleapis.com"
     assert csp["img-src"] == "'self' blob: data: https://storage.googleapis.com"
     assert csp["frame-ancestors"] == "'self' https://app.example.com"
+
+
+def test_framing_is_refused_unless_framers_are_named():
+    csp = dict(part.split(" ", 1) for part in content_security_policy(None, None, ()).split("; "))
+    assert csp["frame-ancestors"] == "'none'"
 
 
 @pytest.mark.parametrize("path", ["/ui/../ui.py", "/ui/%2e%2e/ui.py", "/ui/..%2fui.py", "/ui/nope.js", "/ui/vendor",

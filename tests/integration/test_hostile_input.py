@@ -34,7 +34,7 @@ import hypothesis
 import pytest
 import socketio
 import yarl
-from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import ARTIFACTS, Api, ChatClient, new_user
@@ -78,7 +78,11 @@ huge_ints = st.one_of(st.sampled_from([2 ** 63, -(2 ** 63) - 1, 2 ** 64 + 1, 10 
 fine_text = st.text(st.one_of(st.characters(exclude_categories=("Cs", "Cc")),
                               st.sampled_from(["\u200f", "\u202e", "\u2066", "\u200d", "\u0301", "\U0001f600",
                                                "\U0001f469", "\U0001f4bb", "\n", "\t"])), min_size=1, max_size=40)
-texts = mostly(fine_text, hostile_text, 60)
+# Fine text with one character the chat refuses, so that it is the only thing wrong.
+BAD_CHARS = ["\ud800", "\udbff", "\udc00", "\udfff", "\x00", "\x1b", "\x7f", "\x85"]
+one_bad = st.builds(lambda text, bad, at: text[:at] + bad + text[at:], fine_text, st.sampled_from(BAD_CHARS),
+                    st.integers(0, 40))
+texts = mostly(fine_text, st.one_of(one_bad, hostile_text), 60)
 scalars = st.one_of(st.none(), st.booleans(), st.integers(-(2 ** 70), 2 ** 70), huge_ints,
                     st.floats(allow_nan=True, allow_infinity=True), hostile_text)
 
@@ -208,6 +212,8 @@ async def exercise(target: Target, event: str, payload) -> dict:
 # -- Socket.IO events ---------------------------------------------------------
 @HOSTILE
 @given(payload=EVENT_PAYLOADS["join_room"])
+@example(payload={"conversation_id": "__proto__"})  # explicit examples: the defects the issue found
+@example(payload={"conversation_id": "abc\n"})
 async def test_join_room_survives_hostile_payloads(target, payload):
     await exercise(target, "join_room", payload)
 
@@ -220,6 +226,8 @@ async def test_leave_room_survives_hostile_payloads(target, payload):
 
 @settings(HOSTILE, max_examples=150)
 @given(payload=EVENT_PAYLOADS["send_message"])
+@example(payload={"conversation_id": OWN, "message": "\ud800"})
+@example(payload={"conversation_id": OWN, "message": "hi", "client_message_id": "\udfff"})
 async def test_send_message_survives_hostile_payloads(target, payload):
     await exercise(target, "send_message", payload)
 
@@ -232,6 +240,8 @@ async def test_typing_survives_hostile_payloads(target, payload):
 
 @HOSTILE
 @given(payload=EVENT_PAYLOADS["stop_generation"])
+@example(payload={"conversation_id": OWN, "message_id": "\ud800"})
+@example(payload={"conversation_id": OWN, "message_id": "__name__"})
 async def test_stop_generation_survives_hostile_payloads(target, payload):
     await exercise(target, "stop_generation", payload)
 
@@ -248,6 +258,7 @@ async def test_unknown_events_survive_hostile_payloads(target, event, payload):
     st.fixed_dictionaries({"token": st.one_of(hostile_text, json_values)},
                           optional={"user_id": hostile_text, "extra": json_values}),
     st.dictionaries(hostile_text, json_values, max_size=3)))
+@example(auth={"token": "\ud800"})
 async def test_handshake_with_hostile_auth_is_refused_cleanly(target, auth):
     client = ChatClient(target.url, auth=auth)
     try:
@@ -323,6 +334,8 @@ async def http():
 
 @HOSTILE
 @given(body=bodies(optional={"title": mostly(texts, json_values, 80)}))
+@example(body={"title": "\ud800"})
+@example(body=b"[" * 5000)
 async def test_create_conversation_survives_hostile_bodies(target, http, body):
     await call_http(http, target, "POST", "/api/conversations", as_body(body))
     await still_serves(http, target)
@@ -330,6 +343,8 @@ async def test_create_conversation_survives_hostile_bodies(target, http, body):
 
 @HOSTILE
 @given(conversation_id=path_ids, body=bodies({"title": mostly(texts, json_values, 80)}))
+@example(conversation_id=OWN, body={"title": "x\udc00"})
+@example(conversation_id="__proto__", body={"title": "x"})
 async def test_rename_conversation_survives_hostile_bodies(target, http, conversation_id, body):
     await call_http(http, target, "PATCH", f"/api/conversations/{own_path(conversation_id, target)}", as_body(body))
     await still_serves(http, target)
@@ -337,6 +352,7 @@ async def test_rename_conversation_survives_hostile_bodies(target, http, convers
 
 @HOSTILE
 @given(conversation_id=path_ids, body=bodies({"user_id": mostly(texts, json_values, 80)}))
+@example(conversation_id=OWN, body={"user_id": "\ud800"})
 async def test_add_participant_survives_hostile_bodies(target, http, conversation_id, body):
     path = f"/api/conversations/{own_path(conversation_id, target)}/participants"
     await call_http(http, target, "POST", path, as_body(body))
@@ -345,6 +361,7 @@ async def test_add_participant_survives_hostile_bodies(target, http, conversatio
 
 @HOSTILE
 @given(conversation_id=path_ids, user_id=hostile_text.filter(lambda u: u.strip(".")))
+@example(conversation_id="__proto__", user_id="__proto__")
 async def test_remove_participant_survives_hostile_paths(target, http, conversation_id, user_id):
     path = f"/api/conversations/{own_path(conversation_id, target)}/participants/{encode(user_id)}"
     await call_http(http, target, "DELETE", path)
@@ -368,6 +385,9 @@ async def test_conversation_list_survives_hostile_paging(target, http, limit, cu
 
 @HOSTILE
 @given(body=bodies({"user_id": mostly(texts, json_values, 80)}, {"name": mostly(texts, json_values, 80)}))
+@example(body={"user_id": "\ud800"})
+@example(body={"user_id": "ada-" + "\U0001f600", "name": "\udfff"})
+@example(body={"user_id": "__proto__"})
 async def test_dev_token_survives_hostile_bodies(target, http, body):
     status, answer = await call_http(http, target, "POST", "/api/dev/token", as_body(body), token=None)
     if status == 200:

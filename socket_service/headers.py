@@ -1,0 +1,82 @@
+"""Security headers: the same on every response of the service, the chat page and the API alike.
+
+The page's Content-Security-Policy (``socket_service.ui``) allows scripts
+only from this origin and network access only to this origin, the upload
+function and the storage endpoint of signed URLs. ``frame-ancestors`` comes
+from ``FRAME_ANCESTORS``: ``'none'`` unless origins are named (production
+default), so no other site can frame the chat, or an API response, and
+overlay it. API responses carry the same headers: a JSON error opened
+directly in a browser tab is a document too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from urllib.parse import urlparse
+
+from aiohttp import web
+
+SELF = "'self'"
+NONE = "'none'"
+
+
+def origin_of(url: str | None) -> str | None:
+    if not url:
+        return None
+    parsed = urlparse(url)
+    if parsed.scheme not in ("http", "https") or not parsed.netloc:
+        return None
+    return f"{parsed.scheme}://{parsed.netloc}"
+
+
+def content_security_policy(upload_url: str | None, storage_endpoint: str | None,
+                            frame_ancestors: tuple[str, ...] = ()) -> str:
+    """The CSP. ``frame_ancestors``: origins (or ``'self'``) allowed to frame the page; none gives ``'none'``."""
+    framers = [SELF] if SELF in frame_ancestors else []
+    framers += sorted({o for o in map(origin_of, frame_ancestors) if o})
+    remote = " ".join(sorted({o for o in (origin_of(upload_url), origin_of(storage_endpoint)) if o}))
+    storage = origin_of(storage_endpoint) or ""
+    return "; ".join([
+        "default-src 'none'",
+        "script-src 'self'",
+        "style-src 'self'",
+        f"img-src 'self' blob: data: {storage}".rstrip(),
+        f"connect-src 'self' {remote}".rstrip(),
+        "base-uri 'none'",
+        "form-action 'none'",
+        f"frame-ancestors {' '.join(framers) or NONE}",
+        "object-src 'none'",
+    ])
+
+
+def security_headers(settings) -> dict[str, str]:
+    """The headers every response carries, from the service's settings."""
+    signing = getattr(settings, "signing", None)
+    return {
+        "Content-Security-Policy": content_security_policy(getattr(settings, "upload_url", None),
+                                                          getattr(signing, "endpoint", None),
+                                                          tuple(getattr(settings, "frame_ancestors", ()))),
+        "X-Content-Type-Options": "nosniff",
+        "Referrer-Policy": "no-referrer",
+    }
+
+
+def security_headers_middleware(headers: Mapping[str, str]):
+    """Adds ``headers`` to every response that does not set them itself (errors included)."""
+
+    @web.middleware
+    async def middleware(request: web.Request, handler):
+        try:
+            response = await handler(request)
+        except web.HTTPException as exc:
+            _add(exc.headers, headers)
+            raise
+        _add(response.headers, headers)
+        return response
+
+    return middleware
+
+
+def _add(target, headers: Mapping[str, str]) -> None:
+    for name, value in headers.items():
+        target.setdefault(name, value)
