@@ -179,6 +179,7 @@ async def config_json(request: web.Request) -> web.Response:
         "max_message_chars": s.max_message_chars,
         "auth_mode": "dev" if s.dev_tokens else "jwt",
         "ai_provider": s.ai_provider,
+        "upload_stall_seconds": s.upload_stall_seconds,
     })
 
 

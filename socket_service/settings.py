@@ -67,6 +67,7 @@ class Settings:
     reply_sweep_seconds: float
     shutdown_grace_seconds: float
     request_deadline_seconds: float
+    upload_stall_seconds: float
     gc_tuning: bool
     log_level: str
 
@@ -119,6 +120,7 @@ class Settings:
             reply_sweep_seconds=env_float(env, "REPLY_SWEEP_SECONDS", 10.0, minimum=0.5),
             shutdown_grace_seconds=env_float(env, "SHUTDOWN_GRACE_SECONDS", 8.0, minimum=0, maximum=60),
             request_deadline_seconds=env_float(env, "REQUEST_DEADLINE_SECONDS", 10.0, minimum=0.5, maximum=60),
+            upload_stall_seconds=env_float(env, "UPLOAD_STALL_SECONDS", 30.0, minimum=1, maximum=600),
             gc_tuning=env_bool(env, "GC_TUNING", True),
             log_level=env_choice(env, "LOG_LEVEL", "info", ("debug", "info", "warning", "error")),
         )

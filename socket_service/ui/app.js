@@ -715,7 +715,22 @@
       const xhr = new XMLHttpRequest();
       xhr.open(grant.method || "PUT", grant.url);
       for (const [k, v] of Object.entries(grant.headers || {})) xhr.setRequestHeader(k, v);
+      // A storage endpoint that stops answering would leave the upload "uploading" forever:
+      // with no progress for upload_stall_seconds, give up and say so.
+      const stallMs = (cfg.upload_stall_seconds || 30) * 1000;
+      let stall = null;
+      const watch = () => {
+        clearTimeout(stall);
+        stall = setTimeout(() => {
+          xhr.onerror = xhr.onload = null;
+          xhr.abort();
+          uploadFailed(ui, "Upload stalled: storage did not answer for " + Math.round(stallMs / 1000) + " s; try again");
+          resolve();
+        }, stallMs);
+      };
+      watch();
       xhr.upload.onprogress = (ev) => {
+        watch();
         if (ev.lengthComputable) {
           const pct = Math.round((ev.loaded / ev.total) * 100);
           ui.progress.value = pct;
@@ -723,6 +738,7 @@
         }
       };
       xhr.onload = () => {
+        clearTimeout(stall);
         if (xhr.status >= 200 && xhr.status < 300) {
           ui.progress.value = 100;
           ui.row.dataset.state = "uploaded";
@@ -733,7 +749,7 @@
         }
         resolve();
       };
-      xhr.onerror = () => { uploadFailed(ui, "Upload failed (network)"); resolve(); };
+      xhr.onerror = () => { clearTimeout(stall); uploadFailed(ui, "Upload failed: storage could not be reached"); resolve(); };
       xhr.send(file);
     });
   }

@@ -55,6 +55,7 @@ DEFAULT_IN_PRODUCTION = {
         "REPLY_STALE_SECONDS": "application default", "REPLY_SWEEP_SECONDS": "application default",
         "SHUTDOWN_GRACE_SECONDS": "default 8 s fits Cloud Run's 10 s between SIGTERM and SIGKILL",
         "REQUEST_DEADLINE_SECONDS": "application default (10 s)",
+        "UPLOAD_STALL_SECONDS": "application default (30 s)",
         "GC_TUNING": "on by default",
         "JWT_SECRET": "set from Secret Manager when an HS* algorithm is allowed (secret env map)",
     },

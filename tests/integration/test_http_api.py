@@ -18,11 +18,12 @@ async def test_config_json(api):
     status, body = await api.request("GET", "/config.json")
     assert status == 200
     assert set(body) == {"upload_url", "max_upload_bytes", "allowed_content_types", "max_message_chars",
-                         "auth_mode", "ai_provider"}
+                         "auth_mode", "ai_provider", "upload_stall_seconds"}
     assert body["upload_url"].startswith("http://")
     assert body["auth_mode"] == "dev" and body["ai_provider"] == "offline"
     assert body["max_message_chars"] == 8000 and body["max_upload_bytes"] == 25 * 1024 * 1024
     assert "image/png" in body["allowed_content_types"]
+    assert body["upload_stall_seconds"] == 30
 
 
 async def test_dev_token_connects(api, service, clients):
