@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime as dt
 import json
 import sys
 import time
@@ -33,12 +32,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench import wsclient  # noqa: E402
-from bench.machine import machine_info  # noqa: E402
+from bench.stack_run import run_on_stack  # noqa: E402
 from chatcore.auth import issue_token  # noqa: E402
-from devstack.processes import free_port  # noqa: E402
-from devstack.stack import Ports, Stack, check_prerequisites  # noqa: E402
-
-RESULTS = ROOT / "bench" / "results"
 
 
 def pct(values: list[float], p: float) -> float:
@@ -133,32 +128,12 @@ def main() -> int:
         url, token, frame, seconds = args.flood
         print(json.dumps(asyncio.run(flooder(url, token, frame, float(seconds)))), flush=True)
         return 0
-    missing = check_prerequisites()
-    if missing:
-        print("missing: " + "; ".join(missing), file=sys.stderr)
-        return 2
-    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
-    out: dict = {"command": " ".join([".venv/bin/python", "bench/flood.py", *sys.argv[1:]]), "machine": machine_info()}
-    stack = Stack(ports=Ports(firestore=free_port(), pubsub=free_port(), gcs=free_port(), chat=free_port(),
-                              ai=free_port()),
-                  log_dir=RESULTS / f"logs-flood-{stamp}", project_id="chat-bench-flood")
-    rc = 0
-    try:
-        stack.start_emulators()
+
+    def body(stack, out: dict) -> None:
         stack.start_socket_service(stack.ports.chat, name="socket-flood", LOG_LEVEL="error")
         out["result"] = asyncio.run(bench(stack.chat_url(), stack.jwt_secret, args))
-    except Exception as exc:  # noqa: BLE001 - a benchmark reports what it got
-        out["error"] = f"{type(exc).__name__}: {exc}"
-        print("error:", out["error"], file=sys.stderr)
-        rc = 1
-    finally:
-        stack.stop()
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        path = RESULTS / f"flood-{stamp}.json"
-        path.write_text(json.dumps(out, indent=2))
-        print(f"wrote {path.relative_to(ROOT)}")
-    return rc
 
+    return run_on_stack("flood", body)
 
 if __name__ == "__main__":
     sys.exit(main())

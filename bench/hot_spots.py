@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime as dt
-import json
 import sys
 import time
 import uuid
@@ -35,12 +33,11 @@ import socketio
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.machine import machine_info  # noqa: E402
+from bench.stack_run import run_on_stack  # noqa: E402
 from chatcore.auth import issue_token  # noqa: E402
 from devstack.processes import free_port  # noqa: E402
-from devstack.stack import Ports, Stack, check_prerequisites  # noqa: E402
+from devstack.stack import Stack  # noqa: E402
 
-RESULTS = ROOT / "bench" / "results"
 RAISED = {"AI_MAX_CONCURRENT_PER_USER": "1000", "AI_MESSAGES_PER_WINDOW": "100000"}
 
 
@@ -122,36 +119,16 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--runs", type=int, default=5)
     args = p.parse_args()
-    missing = check_prerequisites()
-    if missing:
-        print("missing: " + "; ".join(missing), file=sys.stderr)
-        return 2
-    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
-    out: dict = {"command": " ".join([".venv/bin/python", "bench/hot_spots.py", *sys.argv[1:]]),
-                 "machine": machine_info()}
-    stack = Stack(ports=Ports(firestore=free_port(), pubsub=free_port(), gcs=free_port(), chat=free_port(),
-                              ai=free_port()),
-                  log_dir=RESULTS / f"logs-hot-{stamp}", project_id="chat-bench-hot")
-    rc = 0
-    try:
-        stack.start_emulators()
+
+    def body(stack, out: dict) -> None:
         stack.start_ai_function(stack.ports.ai)
         stack.start_socket_service(stack.ports.chat, name="socket-default-limits")
         raised_port = free_port()
         stack.start_socket_service(raised_port, name="socket-raised-limits", **RAISED)
         print("| scenario | sends | answers | p50 ms | p99 ms | max ms |\n|---|---|---|---|---|---|", flush=True)
         out["scenarios"] = asyncio.run(bench(stack, stack.chat_url(), stack.chat_url(raised_port), args.runs))
-    except Exception as exc:  # noqa: BLE001 - a benchmark reports what it got
-        out["error"] = f"{type(exc).__name__}: {exc}"
-        print("error:", out["error"], file=sys.stderr)
-        rc = 1
-    finally:
-        stack.stop()
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        path = RESULTS / f"hot_spots-{stamp}.json"
-        path.write_text(json.dumps(out, indent=2))
-        print(f"wrote {path.relative_to(ROOT)}")
-    return rc
+
+    return run_on_stack("hot_spots", body)
 
 
 if __name__ == "__main__":
