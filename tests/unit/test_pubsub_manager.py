@@ -774,6 +774,35 @@ async def test_listener_restarts_after_the_stream_fails(bus):
     assert deliveries(b.server) == [("e1", ["after", 1])]
 
 
+async def test_clients_are_told_to_resync_when_the_subscription_had_vanished(bus):
+    # What was published while it did not exist is lost to this instance: its clients must re-join.
+    b = bus(restart_delay=0.01)
+    await b.start()
+    sid1 = await b.client("e1", "r")
+    sid2 = await b.client("e2")
+    assert b.mgr.transport.vanished == 0
+    b.sub.existing.clear()
+    b.sub.stream.set_exception(gexc.NotFound("subscription gone"))
+    await eventually(lambda: b.server.disconnect.await_count == 2, what="the clients disconnected")
+    assert {c.args[0] for c in b.server.disconnect.await_args_list} == {sid1, sid2}
+    assert all(c.kwargs == {"namespace": "/", "ignore_queue": True} for c in b.server.disconnect.await_args_list)
+    assert b.mgr.transport.vanished == 1
+    assert len(b.sub.streams) == 2, "pulling again before the clients re-join"
+
+
+async def test_a_listener_restart_on_a_surviving_subscription_disconnects_nobody(bus):
+    # The subscription kept the messages (e.g. Pub/Sub unreachable for a while): nothing was lost.
+    b = bus(restart_delay=0.01)
+    await b.start()
+    await b.client("e1", "r")
+    b.sub.stream.set_exception(gexc.ServiceUnavailable("unreachable"))
+    await eventually(lambda: len(b.sub.streams) == 2, what="a new streaming pull")
+    assert len(b.sub.created) == 2  # AlreadyExists the second time
+    assert b.mgr.transport.vanished == 0
+    await asyncio.sleep(0.05)
+    assert b.server.disconnect.await_count == 0
+
+
 # -- transport details ------------------------------------------------------------------------
 def test_messages_are_acked_only_after_the_hand_off():
     sub = FakeSubscriber()
