@@ -7,8 +7,9 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
+SOAK_ARGS ?=
 
-.PHONY: dev test lint bench prereqs clean ui
+.PHONY: dev test lint bench soak prereqs clean ui
 
 $(STAMP): requirements-dev.txt constraints.txt $(wildcard */requirements.txt functions/*/requirements.txt)
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11+ is required (found " + sys.version.split()[0] + ")")'
@@ -44,6 +45,10 @@ test: prereqs
 
 bench: prereqs
 	$(PY) bench/fanout.py
+
+# Soak with a ledger (docs/RELIABILITY.md, "Soak"): 10 minutes by default; SOAK_ARGS="--minutes 1" for a short one.
+soak: prereqs
+	$(PY) bench/soak.py $(SOAK_ARGS)
 
 clean:
 	rm -rf $(VENV) .devstack .pytest_cache test-artifacts node_modules $(UI_VENDOR)

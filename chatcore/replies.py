@@ -85,16 +85,34 @@ class ReplyStore:
 
     async def finish(self, reply: Message, status: str, content: str, seq: int,
                      error: dict | None = None) -> Message:
-        """Write the final content and status, and free the user's concurrency slot."""
-        now = utcnow()
-        batch = self.db.batch()
-        fields = {"status": status, "content": content, "seq": seq, "heartbeat_at": now, "ended_at": now}
-        if error is not None:
-            fields["error"] = error
-        batch.update(self.store.message_ref(reply.conversation_id, reply.id), fields)
-        self._release_quota(batch, reply.user_id, reply.id)
-        await batch.commit()
-        return replace(reply, status=status, content=content)
+        """Write the final content and status, and free the user's concurrency slot.
+
+        A reply that would end ``complete`` ends ``cancelled`` if a stop was
+        stored meanwhile: the stop's ack named it, and the worker may not have
+        polled since. The stop is read in the same transaction as the final
+        write, so a stop committed before this write is always seen, and one
+        after it finds the reply ended (and is answered ``not_found``).
+        ``NotFound`` once the reply was deleted.
+        """
+        ref = self.store.message_ref(reply.conversation_id, reply.id)
+
+        @firestore.async_transactional
+        async def end(transaction) -> str:
+            final = status
+            if status == protocol.COMPLETE:
+                doc = await ref.get(transaction=transaction)
+                if (doc.to_dict() or {}).get("stop_requested"):
+                    final = protocol.CANCELLED
+            now = utcnow()
+            fields = {"status": final, "content": content, "seq": seq, "heartbeat_at": now, "ended_at": now}
+            if error is not None:
+                fields["error"] = error
+            transaction.update(ref, fields)
+            self._release_quota(transaction, reply.user_id, reply.id)
+            return final
+
+        final_status = await end(self.db.transaction())
+        return replace(reply, status=final_status, content=content)
 
     async def discard(self, reply: Message) -> None:
         """Delete what is left of a reply whose conversation was deleted (late chunks, quota slot)."""

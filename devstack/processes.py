@@ -13,6 +13,7 @@ POSIX only (Linux and macOS); the local stack does not run on Windows.
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -43,10 +44,41 @@ from pathlib import Path
 WATCHDOG = "trap '' HUP INT TERM; read -r _ || :; kill -s KILL 0"
 
 
+# Ports we have handed out in this process: never twice, even once free again.
+_handed_out: set[int] = set()
+_BELOW_EPHEMERAL_FROM = 20000
+
+
+def _ephemeral_start() -> int | None:
+    """The first port the kernel hands to outgoing connections (Linux only)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def free_port() -> int:
+    """A free port for a server of ours, below the kernel's ephemeral range where possible.
+
+    A port from the ephemeral range can be taken by any outgoing connection
+    while its server is down, so a server restarted on the same port (the
+    fault tests kill an emulator and start it again) could find it busy.
+    Worse, a client retrying a closed port in that range can connect to
+    itself (a TCP self-connect) and hold the port. Ports below the range are
+    never used for outgoing connections.
+    """
+    start = _ephemeral_start()
+    if start is not None and start - _BELOW_EPHEMERAL_FROM > 1000:
+        for _ in range(200):
+            port = random.randrange(_BELOW_EPHEMERAL_FROM, start)
+            if port not in _handed_out and port_is_free(port):
+                _handed_out.add(port)
+                return port
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        port = s.getsockname()[1]
+    _handed_out.add(port)
+    return port
 
 
 def port_is_free(port: int) -> bool:
@@ -149,6 +181,27 @@ class Managed:
             os.killpg(self.proc.pid, sig)
         except ProcessLookupError:
             pass
+
+    def kill(self, timeout: float = 10.0) -> None:
+        """SIGKILL the whole group (a crash) and wait until it is gone and its port is free."""
+        if self.proc is None:
+            return
+        self.signal_group(signal.SIGKILL)
+        self.proc.wait(timeout=timeout)
+        deadline = time.monotonic() + timeout
+        while not (self._group_gone() and port_is_free(self.port)):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{self.name}: still running or holding port {self.port} {timeout:.0f}s after SIGKILL")
+            time.sleep(0.05)
+
+    def _group_gone(self) -> bool:
+        try:
+            os.killpg(self.proc.pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False
+        return False
 
     def stop(self, timeout: float = 6.0) -> None:
         """SIGTERM the group, SIGKILL what is left after ``timeout``, wait for the port."""

@@ -197,7 +197,11 @@ class GuardedWebSocket(eio_aiohttp.WebSocket):
     async def __call__(self, environ):
         self.socket = self.handler.__self__  # the engineio AsyncSocket this WebSocket carries
         self.server.websockets[self.socket] = self
-        return await super().__call__(environ)
+        try:
+            return await super().__call__(environ)
+        finally:
+            # Left in place, the entry would keep the closed connection (and its socket) for good.
+            self.server.websockets.pop(self.socket, None)
 
     async def close_for_policy(self) -> None:
         """Close (1008) once what was queued before (the refusal, the last answers) is out, within a bound."""
@@ -259,7 +263,8 @@ class GuardedEngineIOServer(engineio.AsyncServer):
         self._refused: weakref.WeakSet = weakref.WeakSet()
         self._cut_off: weakref.WeakSet = weakref.WeakSet()
         self._closing: set[asyncio.Task] = set()
-        self.websockets: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # engineio socket -> its WebSocket
+        # engineio socket -> the WebSocket carrying it, while it is open (GuardedWebSocket.__call__)
+        self.websockets: dict = {}
         translate = self._async["translate_request"]
 
         def translate_request(*a, **kw):

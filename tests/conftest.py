@@ -9,7 +9,9 @@ order.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import re
 import uuid
 from pathlib import Path
 
@@ -39,6 +41,29 @@ def stack():
         yield s
     finally:
         s.stop()
+    assert_no_internal_answers(s.log_dir)
+
+
+# What our services log when they answer `internal` (an unexpected exception: a bug).
+INTERNAL_ANSWERS = re.compile(r"^(handler for \S+ failed|HTTP \S+ \S+ failed|request_upload failed)$")
+
+
+def assert_no_internal_answers(log_dir: Path) -> None:
+    """Fail the run if any service process of a stack answered `internal`: each one is a bug.
+
+    Tests check the answers they expect; this catches the ones nobody looked
+    at (a background emit, a client that ignores its ack).
+    """
+    found = []
+    for path in sorted(log_dir.glob("*.log")):
+        for line in path.read_text(errors="replace").splitlines():
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(entry, dict) and INTERNAL_ANSWERS.match(str(entry.get("message", ""))):
+                found.append(f"{path.name}: {entry['message']}: {str(entry.get('stack_trace', ''))[-300:]}")
+    assert not found, "`internal` answers (bugs) in the service logs:\n" + "\n".join(found[:10])
 
 
 # Most tests send many messages quickly; the per-user AI quotas have their own tests.

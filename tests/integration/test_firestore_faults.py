@@ -17,7 +17,7 @@ import pytest
 from chatcore.auth import issue_token
 from devstack.processes import Managed, free_port, http_ok
 from devstack.stack import Ports, Stack
-from tests.conftest import ARTIFACTS, Api, ChatClient, new_user
+from tests.conftest import ARTIFACTS, Api, ChatClient, assert_no_internal_answers, new_user
 
 DEADLINE = 3.0  # REQUEST_DEADLINE_SECONDS of this stack's service (the default is 10)
 RECOVERY = 10.0  # everything works again within this after the database is back
@@ -36,6 +36,7 @@ def faulty_stack():
         yield stack
     finally:
         stack.stop()
+    assert_no_internal_answers(stack.log_dir)
 
 
 def _firestore(stack: Stack) -> Managed:
@@ -118,8 +119,7 @@ async def test_restarted_firestore_gets_unavailable_then_works_again(faulty_stac
     token = issue_token(stack.jwt_secret, new_user())
     client, cid = await _joined_client(stack, api, token)
     firestore = _firestore(stack)
-    firestore.signal_group(signal.SIGKILL)
-    firestore.proc.wait(timeout=10)
+    firestore.kill()
     try:
         ack = await _answered_within(client.call("send_message", {"conversation_id": cid, "message": "while down"},
                                                  timeout=DEADLINE + 5), DEADLINE)

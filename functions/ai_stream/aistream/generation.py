@@ -135,8 +135,8 @@ class _ReplyRun:
         if status != protocol.FAILED:
             self._emit(protocol.AI_RESPONSE_COMPLETE, final.to_wire())
             await asyncio.to_thread(self.gen.bus.flush, 10)
-        logger.info("reply %s ended %s after %d chunks", self.reply.id, status, self.progress.seq)
-        return status
+        logger.info("reply %s ended %s after %d chunks", self.reply.id, final.status, self.progress.seq)
+        return final.status
 
     async def _discard(self) -> str:
         """The conversation was deleted mid-reply: remove chunks written after the deletion."""
