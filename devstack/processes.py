@@ -188,6 +188,7 @@ class Managed:
             return
         self.signal_group(signal.SIGKILL)
         self.proc.wait(timeout=timeout)
+        self._release_watchdog()  # reaped: a zombie still counts as a member of the group
         deadline = time.monotonic() + timeout
         while not (self._group_gone() and port_is_free(self.port)):
             if time.monotonic() > deadline:
