@@ -19,17 +19,20 @@ additions matter for throughput:
 - **packing**: emits issued within ``pack_window`` seconds are grouped by room
   and published as one Pub/Sub message per room (ordering key = room), since
   bus messages, not bytes, are the scarce resource.
+
+What it receives waits for the event loop in a bounded inbox
+(``inbox_capacity`` bus messages): while the loop is behind, the pull pauses
+and the messages wait in the subscription (bus_inbox.py).
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
-from typing import Any
 
 import socketio
 from socketio.async_pubsub_manager import AsyncPubSubManager
 
+from .bus_inbox import DEFAULT_CAPACITY, Inbox
 from .pubsub_transport import PubSubTransport
 from .topology import InstanceSubscription
 
@@ -40,12 +43,15 @@ class AsyncGooglePubSubManager(AsyncPubSubManager):
     def __init__(self, project_id: str, topic: str = "chat-events", *,
                  subscription: InstanceSubscription | None = None, write_only: bool = False,
                  pack_window: float = 0.002, publisher=None, subscriber=None,
-                 logger=None, json=None, restart_delay: float = 1.0):
+                 logger=None, json=None, restart_delay: float = 1.0, inbox_capacity: int = DEFAULT_CAPACITY):
         super().__init__(channel=topic, write_only=write_only, logger=logger, json=json)
         if not write_only and subscription is None:
             raise ValueError("a manager that listens needs a subscription template")
         self.pack_window = pack_window
         self.restart_delay = restart_delay
+        # Bus messages received and not yet handled, at most: the pull pauses while the loop is behind.
+        self.inbox_capacity = inbox_capacity
+        self.inbox: Inbox | None = None  # the current listener's (bus_inbox.py)
         self.transport = PubSubTransport(
             project_id, topic, host_id=self.host_id, subscription=subscription,
             publisher=publisher, subscriber=subscriber,
@@ -191,10 +197,10 @@ class AsyncGooglePubSubManager(AsyncPubSubManager):
         # (re)creates the subscription, so one that expired or was deleted
         # comes back, and failures pause instead of spinning.
         loop = asyncio.get_running_loop()
-        # Messages arrive on the pull thread. They wait in ``inbox`` and the
-        # loop is woken once per batch, not once per message.
-        inbox: collections.deque = collections.deque()
+        # Messages arrive on the pull thread. They wait in the inbox, which is bounded (the
+        # pull pauses while it is full), and the loop is woken once per batch, not once per message.
         ready = asyncio.Event()
+        inbox = self.inbox = Inbox(self.inbox_capacity, on_ready=lambda: loop.call_soon_threadsafe(ready.set))
 
         try:
             if self.transport.subscription_path is None:
@@ -203,16 +209,7 @@ class AsyncGooglePubSubManager(AsyncPubSubManager):
                 if self.transport.vanished != vanished:
                     self._resync_due = True
 
-            def on_messages(items: list[dict]) -> None:
-                inbox.append(items)
-                if len(inbox) == 1:
-                    loop.call_soon_threadsafe(ready.set)
-
-            def on_failure(error: BaseException) -> None:
-                inbox.append(error)
-                loop.call_soon_threadsafe(ready.set)
-
-            await asyncio.to_thread(self.transport.start_pull, on_messages, on_failure)
+            await asyncio.to_thread(self.transport.start_pull, inbox.put, inbox.fail, inbox)
         except Exception:
             self.transport.subscription_path = None
             await asyncio.sleep(self.restart_delay)
@@ -224,8 +221,7 @@ class AsyncGooglePubSubManager(AsyncPubSubManager):
             while True:
                 await ready.wait()
                 ready.clear()
-                while inbox:
-                    items: Any = inbox.popleft()
+                while (items := inbox.get_nowait()) is not None:
                     if isinstance(items, BaseException):
                         self.transport.subscription_path = None
                         await asyncio.sleep(self.restart_delay)

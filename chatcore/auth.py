@@ -65,6 +65,22 @@ class AuthConfig:
         if not 0 <= self.leeway_seconds <= MAX_LEEWAY_SECONDS:
             raise ConfigError(f"JWT_LEEWAY_SECONDS must be between 0 and {MAX_LEEWAY_SECONDS:g}")
 
+    @property
+    def uses_public_keys(self) -> bool:
+        """True when tokens may be checked with a public key (PEM or JWKS) rather than our own secret."""
+        return bool(self.public_key_pem or self.jwks_url)
+
+    def check_for_production(self) -> None:
+        """Refuse public keys without both ``iss`` and ``aud`` checks (``ConfigError``).
+
+        A public key set may sign other parties' tokens too: Google's
+        securetoken JWKS signs the ID tokens of every Firebase project, with
+        any ``sub``. Only the issuer and the audience tell ours apart.
+        """
+        if self.uses_public_keys and not (self.issuer and self.audience):
+            raise ConfigError("CHAT_ENV=production with JWT_JWKS_URL or JWT_PUBLIC_KEY needs JWT_ISSUER and "
+                              "JWT_AUDIENCE: a public key set may sign other projects' tokens too")
+
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> AuthConfig:
         return cls(

@@ -24,7 +24,10 @@ does the batching itself:
 - transient errors are retried with backoff until ``retry_deadline``; after
   that, or on a permanent error (e.g. the topic does not exist), the batch's
   futures fail with the matching ``google.api_core`` exception and the key's
-  next messages still go out. There is no paused state to resume.
+  next messages still go out. There is no paused state to resume;
+- every future settles, whatever fails (creating the client included): a
+  batch takes at most about ``retry_deadline`` + ``rpc_timeout``, so no wait
+  on a publish is unbounded.
 
 These rules live in ``KeyedBatches``, which ``chatcore.async_publisher.AsyncPublisher``
 shares: it makes the same RPCs from an asyncio loop instead of threads.
@@ -202,7 +205,10 @@ class Publisher(KeyedBatches, PublisherClientOwner):
                         return
                 key = self._ready.popleft()
                 batch = self._next_batch(key)
-            message_ids, error = self._send(key, batch)
+            try:
+                message_ids, error = self._send(key, batch)
+            except Exception as exc:  # a bug must not kill the sender and leave the key busy for ever
+                message_ids, error = [], exc
             with self._cond:
                 if self._key_done(key):
                     self._make_ready(key)
@@ -215,9 +221,11 @@ class Publisher(KeyedBatches, PublisherClientOwner):
         except Exception as exc:  # e.g. an attribute that is not a string
             return [], exc
         deadline, attempt = time.monotonic() + self.retry_deadline, 0
-        rpc = self._stub(PUBLISH_METHOD, _REQUEST, _RESPONSE)
         while True:
             try:
+                # Creating the client can fail (e.g. credentials not available yet): that
+                # fails this batch, as any other error, and the key's next batch tries again.
+                rpc = self._stub(PUBLISH_METHOD, _REQUEST, _RESPONSE)
                 return list(rpc(request, timeout=self.rpc_timeout, metadata=metadata).message_ids), None
             except Exception as exc:
                 outcome = self._after_error(exc, attempt, deadline)

@@ -25,6 +25,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable
+from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
 
 from google.api_core import exceptions as gexc
@@ -130,9 +131,14 @@ class PubSubTransport:
         self._publisher = publisher
         self._subscriber = subscriber
         self._max_outstanding = max_messages_outstanding
+        # Publishes not yet settled, each with its sequence number, oldest first (dicts keep
+        # insertion order, and numbers are given under the lock): all of them, and by ordering key.
+        # ``flush`` waits only for those numbered up to its call.
         self._lock = threading.Lock()
-        self._pending: set = set()
-        self._pending_empty = threading.Condition(self._lock)
+        self._published = 0  # publishes handed to the client so far: the latest sequence number
+        self._pending: dict[Future, int] = {}
+        self._pending_by_key: dict[str, dict[Future, int]] = {}
+        self._settled = threading.Condition(self._lock)
         self.subscription_path: str | None = None
         # How many times the subscription had to be created again because it had vanished
         # (see create_subscription); the async manager re-syncs its clients after each.
@@ -176,19 +182,25 @@ class PubSubTransport:
                     logger.error("room bus publish refused (ordering key %r): %s", key, exc)
                     continue
                 with self._lock:
-                    self._pending.add(future)
-                future.add_done_callback(lambda f, k=key: self._published(f, k))
+                    self._published += 1
+                    self._pending[future] = self._published
+                    self._pending_by_key.setdefault(key, {})[future] = self._published
+                future.add_done_callback(lambda f, k=key: self._settle(f, k))
 
-    def _published(self, future, key: str) -> None:
+    def _settle(self, future: Future, key: str) -> None:
         try:
             error = future.exception()
             if error is not None:
                 self._record_failure(error, key)
         finally:
             with self._lock:
-                self._pending.discard(future)
-                if not self._pending:
-                    self._pending_empty.notify_all()
+                self._pending.pop(future, None)
+                of_key = self._pending_by_key.get(key)
+                if of_key is not None:
+                    of_key.pop(future, None)
+                    if not of_key:
+                        del self._pending_by_key[key]  # one entry per room would otherwise pile up
+                self._settled.notify_all()
 
     def _record_failure(self, error: BaseException, key: str) -> None:
         # The room's later messages still go out (in order); this one is lost.
@@ -197,10 +209,31 @@ class PubSubTransport:
         self.last_publish_error = error
         logger.error("room bus publish failed (ordering key %r): %s", key, error)
 
-    def flush(self, timeout: float = 10.0) -> bool:
-        """Wait until everything published so far is acknowledged by Pub/Sub."""
+    def flush(self, timeout: float = 10.0, room: str | None = None) -> bool:
+        """Wait until the publishes made before this call are settled: True, or False after ``timeout`` seconds.
+
+        With ``room``, only the publishes to that room's ordering key. Settled
+        means acknowledged by Pub/Sub or failed (``failed_publishes``).
+        Publishes made after the call, by other threads or other replies,
+        are not waited for: with many replies streaming on one instance,
+        something is always pending, and waiting for "nothing pending" made
+        each reply's flush wait its whole timeout.
+        """
+        key = None if room is None else ordering_key({"room": room})
         with self._lock:
-            return self._pending_empty.wait_for(lambda: not self._pending, timeout)
+            mark = self._published
+
+            def settled() -> bool:
+                pending = self._pending if key is None else self._pending_by_key.get(key)
+                return not pending or next(iter(pending.values())) > mark  # the oldest is newer than the call
+
+            return self._settled.wait_for(settled, timeout)
+
+    def pending(self, room: str | None = None) -> int:
+        """How many publishes (to ``room``'s ordering key, if given) are not settled yet."""
+        key = None if room is None else ordering_key({"room": room})
+        with self._lock:
+            return len(self._pending if key is None else self._pending_by_key.get(key, ()))
 
     # -- per-instance subscription ------------------------------------
     def create_subscription(self) -> str:
@@ -235,8 +268,13 @@ class PubSubTransport:
         return path
 
     def start_pull(self, on_messages: Callable[[list[dict]], None],
-                   on_failure: Callable[[BaseException], None]) -> None:
-        """Stream messages; ``on_messages`` runs on a client thread, in order per room."""
+                   on_failure: Callable[[BaseException], None], flow_control=None) -> None:
+        """Stream messages; ``on_messages`` runs on a client thread, in order per room.
+
+        ``flow_control``: the ``Inbox`` that ``on_messages`` fills, so the pull
+        stops while it is full (see bus_inbox.py); by default each Pull asks
+        for up to ``max_messages_outstanding``, however far behind the consumer is.
+        """
 
         def callback(message) -> None:
             try:
@@ -250,7 +288,8 @@ class PubSubTransport:
                 # The bus is real-time: a retry later is worse than a loss now.
                 message.ack()
 
-        flow = pubsub_v1.types.FlowControl(max_messages=self._max_outstanding)
+        flow = flow_control if flow_control is not None else pubsub_v1.types.FlowControl(
+            max_messages=self._max_outstanding)
         self._streaming = self.subscriber.subscribe(self.subscription_path, callback, flow_control=flow)
 
         def done(future) -> None:
@@ -320,10 +359,8 @@ class PubSubTransport:
 
         self.stop_pull(timeout=min(5.0, left()))
         if not self.flush(timeout=left() / 2):
-            with self._lock:
-                pending = len(self._pending)
             logger.warning("%d bus publishes not acknowledged by Pub/Sub before the shutdown deadline; abandoned "
-                           "(other instances' clients miss those emits)", pending)
+                           "(other instances' clients miss those emits)", self.pending())
         self.delete_subscription(timeout=left())
 
 

@@ -3,15 +3,19 @@
 ``quotas/{user_id}`` holds ``active`` (reply id -> start time, the replies
 being generated) and a fixed window counter. The socket service checks and
 updates it in the same transaction that stores a user message, so a refused
-message stores nothing; the AI function removes its reply from ``active``
-when the reply ends. Entries older than ``stale_after`` are ignored, so a
-crashed generation cannot lock a user out.
+message stores nothing. Every end of a reply removes it from ``active``
+(``release_slot``): the AI function when the reply ends, the socket service
+when the AI request could not be published or the conversation was deleted
+with the reply pending. Entries older than ``stale_after`` are ignored, so a
+crashed generation cannot lock a user out for longer than that.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+
+from google.cloud import firestore
 
 from .errors import RateLimited
 
@@ -41,3 +45,10 @@ def admit(doc: dict | None, reply_id: str, now: datetime, policy: QuotaPolicy) -
         raise RateLimited(f"at most {policy.messages_per_window} messages per {policy.window_seconds} s")
     active[reply_id] = now
     return {"active": active, "window_start": window_start, "window_count": count + 1}
+
+
+def release_slot(db, writes, user_id: str | None, reply_id: str) -> None:
+    """Stage, in ``writes`` (a batch or a transaction), freeing the slot ``reply_id`` holds."""
+    if user_id:
+        writes.set(db.collection(QUOTAS).document(user_id), {"active": {reply_id: firestore.DELETE_FIELD}},
+                   merge=True)

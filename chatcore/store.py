@@ -39,7 +39,7 @@ from google.cloud import firestore
 
 from . import protocol
 from .errors import ChatError, Forbidden, InvalidArgument, NotFound
-from .quotas import QUOTAS, QuotaPolicy, admit
+from .quotas import QUOTAS, QuotaPolicy, admit, release_slot
 from .transactions import CommitUnknown, Deadline, bounded, run_transaction
 
 logger = logging.getLogger(__name__)
@@ -180,6 +180,7 @@ class Message:
     files: tuple[dict, ...] = ()
     client_message_id: str | None = None
     reply_to: str | None = None
+    claim_id: str | None = None  # of an assistant reply: the worker's claim that streams it (chatcore/replies.py)
     extra: dict = field(default_factory=dict)
 
     @classmethod
@@ -188,7 +189,8 @@ class Message:
         return cls(id=doc.id, conversation_id=conversation_id, role=d["role"], content=d.get("content", ""),
                    user_id=d.get("user_id", ""), created_at=d["created_at"], status=d.get("status", ""),
                    username=d.get("username", ""), files=tuple(d.get("files", ())),
-                   client_message_id=d.get("client_message_id"), reply_to=d.get("reply_to"))
+                   client_message_id=d.get("client_message_id"), reply_to=d.get("reply_to"),
+                   claim_id=d.get("claim_id"))
 
     def to_doc(self) -> dict:
         doc = {"role": self.role, "content": self.content, "user_id": self.user_id, "username": self.username,
@@ -335,9 +337,22 @@ class ChatStore:
         return await self.get_conversation(conversation_id)
 
     async def delete_conversation(self, conversation_id: str, user_id: str) -> None:
-        """Delete the conversation with all its messages and chunks."""
+        """Delete the conversation with all its messages and chunks.
+
+        The replies still pending or streaming give their users' slots back:
+        a pending one would never be claimed (the AI function finds nothing),
+        and a streaming one's worker frees it too when it sees the deletion
+        (freeing twice does no harm).
+        """
         await self.require_owner(conversation_id, user_id)
+        in_progress = (self.conversation_ref(conversation_id).collection(MESSAGES)
+                       .where(filter=firestore.FieldFilter("status", "in", list(protocol.IN_PROGRESS_STATUSES))))
+        batch = self.db.batch()
+        async for reply in in_progress.stream():
+            release_slot(self.db, batch, (reply.to_dict() or {}).get("user_id"), reply.id)
         await self.db.recursive_delete(self.conversation_ref(conversation_id))
+        if len(batch):
+            await batch.commit()
 
     async def add_participant(self, conversation_id: str, owner_id: str, user_id: str) -> Conversation:
         conv = await self.require_owner(conversation_id, owner_id)
@@ -529,11 +544,15 @@ class ChatStore:
         return snapshot
 
     async def fail_reply(self, conversation_id: str, message_id: str, code: str, message: str) -> bool:
-        """Mark a reply that has not finished as failed. Returns False if it had already ended."""
+        """Mark a reply that has not finished as failed, freeing its slot. Returns False if it had already ended."""
         ref = self.message_ref(conversation_id, message_id)
         doc = await ref.get()
         if not doc.exists or doc.get("status") not in protocol.IN_PROGRESS_STATUSES:
             return False
-        await ref.update({"status": protocol.FAILED, "error": {"code": code, "message": message}},
-                         option=self.db.write_option(last_update_time=doc.update_time))
+        batch = self.db.batch()
+        batch.update(ref, {"status": protocol.FAILED, "error": {"code": code, "message": message},
+                           "ended_at": utcnow()},
+                     option=self.db.write_option(last_update_time=doc.update_time))
+        release_slot(self.db, batch, (doc.to_dict() or {}).get("user_id"), message_id)
+        await batch.commit()
         return True

@@ -16,6 +16,8 @@ with a loop of long-polling ``Pull`` calls, each returning every message
 available (up to ``max_messages``), followed by one ``Acknowledge`` for all of
 them before the next ``Pull``. Ordering holds: Pub/Sub returns one key's
 messages in order and the next batch only after this one is acknowledged.
+With an ``Inbox`` as flow control (the managers'), the next ``Pull`` waits
+while the listener is behind, and asks only for what fits (bus_inbox.py).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 
 import grpc
@@ -31,6 +34,7 @@ from google.api_core import retry as retries
 from google.protobuf import empty_pb2
 from google.pubsub_v1 import types as pubsub_types
 
+from .bus_inbox import Inbox
 from .pubsub_rpc import TRANSIENT, OnClientChannel, backoff
 
 logger = logging.getLogger(__name__)
@@ -64,17 +68,20 @@ class PulledMessage:
 class PullStream(Future):
     """Like ``StreamingPullFuture``: runs until ``cancel()``; on a failure it ends with the error."""
 
-    def __init__(self):
+    def __init__(self, on_cancel: Callable[[], None] | None = None):
         super().__init__()
         self._stop = threading.Event()
         self._call = None
         self._lock = threading.Lock()
+        self._on_cancel = on_cancel  # wakes the pull thread if it waits for room in its inbox
 
     def cancel(self) -> bool:
         with self._lock:
             self._stop.set()
             if self._call is not None:
                 self._call.cancel()
+        if self._on_cancel is not None:
+            self._on_cancel()
         return True
 
     def cancelled(self) -> bool:
@@ -122,17 +129,24 @@ class Subscriber(OnClientChannel):
 
     # -- the stream ------------------------------------------------------------
     def subscribe(self, subscription: str, callback, flow_control=None) -> PullStream:
-        """Call ``callback(message)`` for every message, in order, on one thread, until cancelled."""
+        """Call ``callback(message)`` for every message, in order, on one thread, until cancelled.
+
+        ``flow_control``: google-cloud-pubsub's ``FlowControl`` (its
+        ``max_messages`` caps each Pull), or the ``Inbox`` the callback fills,
+        which also holds the next Pull back while its listener is behind.
+        """
+        inbox = flow_control if isinstance(flow_control, Inbox) else None
         max_messages = getattr(flow_control, "max_messages", None) or 1000
-        stream = PullStream()
-        threading.Thread(target=self._run, args=(stream, subscription, callback, max_messages),
+        stream = PullStream(on_cancel=inbox.wake if inbox is not None else None)
+        threading.Thread(target=self._run, args=(stream, subscription, callback, max_messages, inbox),
                          name="pubsub-pull", daemon=True).start()
         return stream
 
-    def _run(self, stream: PullStream, subscription: str, callback, max_messages: int) -> None:
+    def _run(self, stream: PullStream, subscription: str, callback, max_messages: int,
+             inbox: Inbox | None) -> None:
         error: BaseException | None = None
         try:
-            error = self._loop(stream, subscription, callback, max_messages)
+            error = self._loop(stream, subscription, callback, max_messages, inbox)
         except BaseException as exc:  # never leave the stream's future pending
             error = exc
         if error is not None and not stream.cancelled():
@@ -140,12 +154,16 @@ class Subscriber(OnClientChannel):
         else:
             stream.set_result(None)
 
-    def _loop(self, stream: PullStream, subscription: str, callback, max_messages: int) -> BaseException | None:
+    def _loop(self, stream: PullStream, subscription: str, callback, max_messages: int,
+              inbox: Inbox | None) -> BaseException | None:
         pull = self._stub(PULL_METHOD, _PULL_REQUEST, _PULL_RESPONSE)
         ack = self._stub(ACK_METHOD, _ACK_REQUEST, empty_pb2.Empty)
-        request = _PULL_REQUEST(subscription=subscription, max_messages=max_messages)
         failures = 0
         while not stream.cancelled():
+            fits = max_messages if inbox is None else inbox.wait_for_room(stream.cancelled)
+            if fits == 0:
+                return None  # cancelled while the inbox was full
+            request = _PULL_REQUEST(subscription=subscription, max_messages=min(fits, max_messages))
             call = pull.future(request, timeout=self.pull_timeout)
             if not stream._track(call):
                 return None

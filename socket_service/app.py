@@ -68,9 +68,12 @@ class AiRequestPublisher:
         task.add_done_callback(self._in_flight.discard)
 
     async def _settle(self, request: AiRequest, future) -> None:
+        # The publisher settles every future within its retry deadline plus one RPC;
+        # the bound here only makes sure no request is waited for beyond that.
+        bound = self.publisher.retry_deadline + self.publisher.rpc_timeout + 5
         try:
-            await asyncio.wrap_future(future)
-        except Exception as exc:
+            await asyncio.wait_for(asyncio.wrap_future(future), bound)
+        except Exception as exc:  # TimeoutError included
             await self._failed(request, exc)
 
     async def _failed(self, request: AiRequest, exc: BaseException) -> None:

@@ -120,12 +120,24 @@ async def identity(request: web.Request) -> Identity:
     return verifier.verify(token)
 
 
+async def read_body(request: web.Request, limit: int) -> bytes:
+    """The whole request body, or ``InvalidArgument`` as soon as it is longer than ``limit`` bytes.
+
+    ``content.read(n)`` returns what has arrived so far, not n bytes: a body
+    that comes in pieces is read piece by piece until its end (or the limit).
+    """
+    if request.content_length is not None and request.content_length > limit:
+        raise InvalidArgument("body too large")
+    raw = bytearray()
+    while chunk := await request.content.read(limit + 1 - len(raw)):
+        raw += chunk
+        if len(raw) > limit:
+            raise InvalidArgument("body too large")
+    return bytes(raw)
+
+
 async def json_body(request: web.Request) -> dict:
-    if request.content_length is not None and request.content_length > MAX_JSON_BODY:
-        raise InvalidArgument("body too large")
-    raw = await request.content.read(MAX_JSON_BODY + 1)
-    if len(raw) > MAX_JSON_BODY:
-        raise InvalidArgument("body too large")
+    raw = await read_body(request, MAX_JSON_BODY)
     if not raw.strip():
         return {}
     try:

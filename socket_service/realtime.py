@@ -170,6 +170,7 @@ class ChatNamespace(socketio.AsyncNamespace):
                 identity = self.verifier.verify(token)
         except Unauthenticated as err:
             raise connection_refused(err) from None
+        self._refuse_if_gone(sid)
         cooling = self._cooling.get(identity.user_id, 0) - time.monotonic()
         if cooling > 0:
             # The user's last connection here was cut off for flooding: refuse
@@ -186,6 +187,21 @@ class ChatNamespace(socketio.AsyncNamespace):
         self._expiry_timers[sid] = loop.call_later(delay, lambda: asyncio.ensure_future(self._expire(sid)))
         await self.emit(protocol.CONNECTED, {"status": "ok", "message": f"connected as {identity.name}",
                                              "user_id": identity.user_id}, to=sid)
+        self._refuse_if_gone(sid)
+
+    def _refuse_if_gone(self, sid: str) -> None:
+        """Refuse a connection whose client left while its connect handler awaited (a JWKS fetch, an emit).
+
+        python-socketio ignores a disconnect that arrives before the connect
+        handler returns (the connection is still "pre-connected"), and cleans
+        a connection up only when the handler refuses it. Accepted instead,
+        it would stay in the manager's rooms and pending list for good, and
+        every emit scans that list.
+        """
+        socket = self.server.eio.sockets.get(self._eio_sid(sid))
+        if socket is None or socket.closing or socket.closed:
+            self._forget(sid)
+            raise socketio.exceptions.ConnectionRefusedError("the client left during the handshake")
 
     async def _expire(self, sid: str) -> None:
         self._expiry_timers.pop(sid, None)
@@ -193,6 +209,10 @@ class ChatNamespace(socketio.AsyncNamespace):
         await self.disconnect(sid)
 
     async def on_disconnect(self, sid: str, reason: Any = None):
+        self._forget(sid)
+
+    def _forget(self, sid: str) -> None:
+        """Drop this namespace's own state of a connection (the manager keeps its rooms)."""
         timer = self._expiry_timers.pop(sid, None)
         if timer is not None:
             timer.cancel()
@@ -211,10 +231,24 @@ class ChatNamespace(socketio.AsyncNamespace):
         # Enter first, read second: a chunk emitted after this line arrives
         # live, one emitted before it is already stored (gap-free snapshot).
         await self.enter_room(sid, room)
+        await self._check_still_participant(sid, conversation_id, user["user_id"])
         streaming = await self.store.streaming_snapshot(conversation_id)
         await self.emit(protocol.JOINED_ROOM, {"conversation_id": conversation_id, "room": room,
                                                "message": f"joined {room}", "streaming": streaming}, to=sid)
         return {"ok": True, "conversation_id": conversation_id, "room": room, "streaming": streaming}
+
+    async def _check_still_participant(self, sid: str, conversation_id: str, user_id: str) -> None:
+        """Check participation again once in the room; out of the room again if that fails.
+
+        A removal that landed between the first check and the entry found
+        this connection outside the room, so its ``leave_room_members`` missed
+        it. The removal is committed before that, so this read sees it.
+        """
+        try:
+            await self.store.require_participant(conversation_id, user_id)
+        except BaseException:  # refused, unknown (unavailable) or cancelled: never stay in unchecked
+            await self.leave_room(sid, protocol.conversation_room(conversation_id))
+            raise
 
     async def on_leave_room(self, sid: str, data: dict):
         conversation_id = protocol.parse_conversation_id(data.get("conversation_id"))

@@ -134,6 +134,7 @@ class Settings:
                 raise ConfigError("DEV_TOKENS is enabled but CHAT_ENV=production: refusing to start")
             if not self.cors_allowed_origins or "*" in self.cors_allowed_origins:
                 raise ConfigError("CHAT_ENV=production needs explicit CORS_ALLOWED_ORIGINS (no '*')")
+            self.auth.check_for_production()
         bad = [o for o in self.frame_ancestors if o != SELF and origin_of(o) != o]
         if bad:
             raise ConfigError(f"FRAME_ANCESTORS takes origins (https://host[:port]) or 'self', not {bad}")

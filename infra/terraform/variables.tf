@@ -180,7 +180,7 @@ variable "jwt_algorithms" {
 
 variable "jwt_jwks_url" {
   type        = string
-  description = "JWT_JWKS_URL for RS*/ES* tokens, e.g. Identity Platform: https://www.googleapis.com/service_accounts/v1/jwk/securetoken@system.gserviceaccount.com"
+  description = "JWT_JWKS_URL for RS*/ES* tokens, e.g. Identity Platform: https://www.googleapis.com/service_accounts/v1/jwk/securetoken@system.gserviceaccount.com (that key set signs every Firebase project's tokens, so jwt_issuer and jwt_audience are required with it)."
   default     = ""
 }
 
@@ -190,16 +190,29 @@ variable "jwt_public_key" {
   default     = ""
 }
 
+# Every deployable runs with CHAT_ENV=production, which refuses public keys
+# without both claims checked: a key set such as Google's securetoken JWKS
+# signs the tokens of every Firebase project, with any `sub`.
 variable "jwt_issuer" {
   type        = string
-  description = "JWT_ISSUER: required `iss` claim (e.g. https://securetoken.google.com/PROJECT for Identity Platform); empty means not checked."
+  description = "JWT_ISSUER: required `iss` claim (e.g. https://securetoken.google.com/PROJECT for Identity Platform). Required with jwt_jwks_url or jwt_public_key; with a shared secret alone, empty means not checked."
   default     = ""
+
+  validation {
+    condition     = var.jwt_issuer != "" || (var.jwt_jwks_url == "" && var.jwt_public_key == "")
+    error_message = "jwt_issuer is required with jwt_jwks_url or jwt_public_key: a public key set may sign other projects' tokens too (Google's securetoken JWKS signs every Firebase project's)."
+  }
 }
 
 variable "jwt_audience" {
   type        = string
-  description = "JWT_AUDIENCE: required `aud` claim (e.g. the project id for Identity Platform); empty means not checked."
+  description = "JWT_AUDIENCE: required `aud` claim (e.g. the project id for Identity Platform). Required with jwt_jwks_url or jwt_public_key; with a shared secret alone, empty means not checked."
   default     = ""
+
+  validation {
+    condition     = var.jwt_audience != "" || (var.jwt_jwks_url == "" && var.jwt_public_key == "")
+    error_message = "jwt_audience is required with jwt_jwks_url or jwt_public_key: a public key set may sign other projects' tokens too (Google's securetoken JWKS signs every Firebase project's)."
+  }
 }
 
 variable "jwt_leeway_seconds" {

@@ -25,7 +25,6 @@ import pytest
 import socketio
 from aiohttp import web
 from google.api_core import exceptions as gexc
-from google.cloud import pubsub_v1
 
 from chatcore.async_pubsub_manager import AsyncGooglePubSubManager
 from chatcore.pubsub_manager import GooglePubSubManager
@@ -66,27 +65,6 @@ async def in_daemon_thread(fn, timeout: float):
 def template(topic: str) -> InstanceSubscription:
     return InstanceSubscription(topic=topic, name_prefix=f"{topic}-instance-", expiration_ttl_seconds=86400,
                                 message_retention_seconds=600, ack_deadline_seconds=10)
-
-
-@pytest.fixture(scope="module")
-def admin(stack):
-    publisher = pubsub_v1.PublisherClient()
-    subscriber = pubsub_v1.SubscriberClient()
-    yield publisher, subscriber
-    subscriber.close()
-
-
-@pytest.fixture
-def topic(stack, admin):
-    publisher, _ = admin
-    name = f"bus-test-{uuid.uuid4().hex[:12]}"
-    path = publisher.topic_path(stack.project_id, name)
-    publisher.create_topic(name=path)
-    yield name
-    try:
-        publisher.delete_topic(topic=path)
-    except gexc.NotFound:
-        pass
 
 
 class Instance:

@@ -11,6 +11,7 @@ transaction; these tests drive that order exactly against the emulator.
 from __future__ import annotations
 
 import uuid
+from datetime import timedelta
 
 from google.cloud import firestore
 
@@ -25,7 +26,7 @@ async def _streaming_reply(stack):
     user = f"end-{uuid.uuid4().hex[:8]}"
     conv = await store.create_conversation(user, "reply end")
     _, reply, _ = await store.post_user_message(conv.id, user, user, "question", None)
-    claimed = await replies.claim(conv.id, reply.id, "worker-1")
+    claimed = await replies.claim(conv.id, reply.id, "worker-1", timedelta(seconds=10))
     assert claimed is not None
     # The user's concurrency slot, as the socket service's quota check takes it.
     await db.collection("quotas").document(user).set({"active": {reply.id: firestore.SERVER_TIMESTAMP}})

@@ -26,9 +26,10 @@ async def test_history_from_recent_messages_skips_what_came_after_the_reply(stac
     assert len(recent) == 6, "newest first, the later ones included"
     from_recent = await replies.history(reply, 10_000, 50, recent=recent)
     from_query = await replies.history(reply, 10_000, 50)
-    assert [m.content for m in from_recent] == ["first question", "first answer", "second question"]
-    assert [m.id for m in from_recent] == [m.id for m in from_query]
+    assert [m.content for m in from_recent.messages] == ["first question", "first answer", "second question"]
+    assert [m.id for m in from_recent.messages] == [m.id for m in from_query.messages]
     # The budget keeps the newest messages; the question answered is always in.
-    assert [m.content for m in await replies.history(reply, 5, 50, recent=recent)] == ["second question"]
-    assert [m.id for m in await replies.history(reply, 10_000, 2, recent=recent)] == [first_reply.id, question.id]
+    assert [m.content for m in (await replies.history(reply, 5, 50, recent=recent)).messages] == ["second question"]
+    assert [m.id for m in (await replies.history(reply, 10_000, 2, recent=recent)).messages] == [first_reply.id,
+                                                                                                 question.id]
     db.close()

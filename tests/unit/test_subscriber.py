@@ -6,27 +6,12 @@ import threading
 import time
 
 import grpc
-import pytest
 from google.api_core import exceptions as gexc
 
 from chatcore.subscriber import Subscriber
-from tests.fakes.pubsub_grpc_server import FakePullServer, wait_for
+from tests.fakes.pubsub_grpc_server import wait_for
 
 SUBSCRIPTION = "projects/p/subscriptions/chat-events-instance-x"
-
-
-@pytest.fixture
-def server():
-    fake = FakePullServer().start()
-    yield fake
-    fake.stop()
-
-
-@pytest.fixture
-def channel(server):
-    ch = grpc.insecure_channel(f"127.0.0.1:{server.port}")
-    yield ch
-    ch.close()
 
 
 class Collector:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
+from datetime import timedelta
 
 from chatcore import topology
 from chatcore.config import (
@@ -24,6 +25,8 @@ from chatcore.config import (
 from chatcore.errors import ConfigError
 
 PROVIDERS = ("offline", "gemini", "openai")
+# A claim lapses after this many of a live worker's longest gaps between heartbeats (``claim_lease``).
+CLAIM_RENEWALS = 4
 DEFAULT_SYSTEM_PROMPT = ("You are a helpful assistant in a group chat. Answer the latest message. "
                          "Use Markdown when it helps.")
 
@@ -99,6 +102,15 @@ class Settings:
         settings = replace(settings, **overrides)
         settings.validate()
         return settings
+
+    @property
+    def claim_lease(self) -> timedelta:
+        """How long a reply's claim holds without a heartbeat before a redelivery may take it over.
+
+        A live worker renews it at every checkpoint, and checkpoints are
+        written at polls: ``CLAIM_RENEWALS`` of the longest gaps between two of
+        them (6 s with the defaults). See ``ReplyStore.claim``."""
+        return timedelta(milliseconds=CLAIM_RENEWALS * (self.checkpoint_interval_ms + self.stop_poll_interval_ms))
 
     def validate(self) -> None:
         if self.provider == "openai" and not self.openai_base_url.startswith(("http://", "https://")):

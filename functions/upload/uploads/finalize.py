@@ -184,7 +184,11 @@ class Finalizer:
         if result.busy:
             raise EmitInProgress("file_uploaded is being emitted by another delivery")
         if result.message is None:
-            return self._done("ignored: upload or conversation gone", labels)
+            # Nothing refers to this object any more (typically: accepted
+            # before, then its message went with the conversation). A later
+            # PUT to the still-valid signed URL must not stay behind.
+            self._delete(obj)
+            return self._done("deleted: upload or conversation gone", labels)
         if not result.emit:
             return self._done("duplicate: already accepted", labels)
         message = result.message

@@ -84,6 +84,7 @@ class Settings:
                 raise ConfigError("CHAT_ENV=production needs explicit CORS_ALLOWED_ORIGINS (no '*')")
             if not self.signing.endpoint.startswith("https://"):
                 raise ConfigError("CHAT_ENV=production needs an https SIGNED_URL_ENDPOINT")
+            self.auth.check_for_production()
         if self.pending_ttl_seconds <= self.signing.upload_ttl_seconds:
             # Otherwise an upload sent just before its URL expires would be refused as expired.
             raise ConfigError("UPLOAD_PENDING_TTL_SECONDS must be longer than UPLOAD_URL_TTL_SECONDS")
