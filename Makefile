@@ -46,7 +46,7 @@ test: prereqs
 bench: prereqs
 	$(PY) bench/fanout.py
 
-# Soak with a ledger (docs/RELIABILITY.md, "Soak"): 10 minutes by default; SOAK_ARGS="--minutes 1" for a short one.
+# Soak with a ledger (docs/RELIABILITY.md, "Soak"): 30 minutes by default; SOAK_ARGS="--minutes 1" for a short one.
 soak: prereqs
 	$(PY) bench/soak.py $(SOAK_ARGS)
 

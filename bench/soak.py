@@ -55,7 +55,7 @@ every failure) and every client's ledger to soak-<stamp>-ledger.jsonl.gz,
 and exits 1 if a check fails. The processes' logs stay in
 bench/results/logs-soak-<stamp>/.
 
-    .venv/bin/python bench/soak.py [--minutes 10] [--users 8] [--rooms 4] [--seed N]
+    .venv/bin/python bench/soak.py [--minutes 30] [--users 8] [--rooms 4] [--seed N]
     make soak SOAK_ARGS="--minutes 1"
 """
 
@@ -1211,7 +1211,8 @@ def print_table(checks: list[Check]) -> None:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--minutes", type=float, default=10.0, help="length of the load phase (default 10)")
+    p.add_argument("--minutes", type=float, default=30.0,
+                   help="length of the load phase (default 30: the RSS saw-tooth has a period of 11-15 minutes)")
     p.add_argument("--users", type=int, default=8)
     p.add_argument("--rooms", type=int, default=4)
     p.add_argument("--think-seconds", type=float, default=1.5, help="mean pause between a client's actions")

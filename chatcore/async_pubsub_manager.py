@@ -5,9 +5,14 @@ Usage::
     mgr = AsyncGooglePubSubManager(project_id, topic="chat-events",
                                    subscription=topology.load().instance_subscription)
     sio = socketio.AsyncServer(client_manager=mgr, async_mode="aiohttp")
-    await mgr.start()      # creates this instance's subscription, starts pulling
+    await mgr.start()      # creates this instance's subscriptions, starts pulling
     ...
-    await mgr.close()      # flushes, stops pulling, deletes the subscription (bounded)
+    await mgr.close()      # flushes, stops pulling, deletes the subscriptions (bounded)
+
+It publishes on ``topic`` (the instances' own bus, where every manager command
+is obeyed) and, with the topology's template, also listens on the functions'
+topic, from which it obeys only the functions' emits (pubsub_transport.py
+explains why two topics, and what is kept of the order).
 
 Like python-socketio's Redis and Kafka managers it subclasses
 ``AsyncPubSubManager`` and implements only ``_publish`` and ``_listen``. Two

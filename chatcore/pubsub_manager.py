@@ -1,9 +1,10 @@
 """GooglePubSubManager: the synchronous sibling of ``AsyncGooglePubSubManager``.
 
 Cloud Functions use it in write-only mode to emit to rooms of the socket
-service from outside any Socket.IO server::
+service from outside any Socket.IO server, on the functions' own topic (the
+socket-service instances obey only plain emits from it; pubsub_transport.py)::
 
-    bus = GooglePubSubManager(project_id, topic="chat-events", write_only=True)
+    bus = GooglePubSubManager(project_id, topology.load().function_events_topic, write_only=True)
     bus.emit("ai_response_chunk", payload, room="conv:abc")
     bus.flush(room="conv:abc")   # before the function returns, so nothing is lost
 

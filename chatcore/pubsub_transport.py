@@ -12,8 +12,31 @@ this module owns everything that talks to Pub/Sub:
 - the ``origin`` attribute (the publishing manager's host id), which the
   per-instance subscription filters out, so an instance never pays to receive
   its own emits (it has already delivered them locally);
-- creating the per-instance subscription (ordering on, expiration policy so a
-  crashed instance's subscription disappears in production) and deleting it.
+- creating the per-instance subscriptions (ordering on, expiration policy so a
+  crashed instance's subscriptions disappear in production) and deleting them;
+- what an instance obeys from the functions' topic (``is_function_emit``).
+
+Two topics, two subscriptions per instance (review issue 13, finding 8). Any
+manager message an instance receives is obeyed: an emit to any room or to
+everyone, disconnect, enter_room, close_room... So a topic may carry manager
+commands only if no one but the socket service can publish on it:
+
+- ``chat-events``, the instances' own bus: only the socket service's account
+  may publish on it (infra/terraform/iam.tf), and every manager message on it
+  is obeyed, as python-socketio's managers do;
+- ``chat-events-functions``: the functions (ai_stream, on_upload_finalized)
+  publish their emits there, and only they may. An instance obeys from it only
+  the emits the functions make (``FUNCTION_EMITS``) and drops anything else
+  with a rate-limited WARNING, so a stolen function credential can at worst
+  emit those events, never steer connections or rooms.
+
+Pub/Sub keeps the order of one ordering key *per topic*, so each publisher's
+emits to a room still arrive in order. Between a function's emits and an
+instance's to the same room there was never an order to keep: an instance
+delivers its own emits to its local clients at once, ahead of anything on the
+bus, and the clients merge replies by ``(message_id, seq)`` (PROTOCOL.md).
+Both subscriptions feed the same inbox and listener; one that fails or
+vanishes makes the listener re-create both.
 """
 
 from __future__ import annotations
@@ -26,11 +49,13 @@ import time
 import uuid
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from google.api_core import exceptions as gexc
 from google.cloud import pubsub_v1
 
+from . import protocol
 from .publisher import Publisher
 from .subscriber import Subscriber
 from .topology import InstanceSubscription
@@ -113,8 +138,86 @@ def pack(messages: list[dict], dumps: Callable[[Any], str] = json.dumps,
         yield _wrap(batch)
 
 
+# -- what an instance obeys from the functions' topic ------------------------------------
+# Room prefix -> the events the functions emit to such rooms, and nothing else:
+FUNCTION_EMITS: dict[str, frozenset[str]] = {
+    # ai_stream's reply to a conversation; on_upload_finalized's file message.
+    protocol.conversation_room(""): frozenset({protocol.AI_RESPONSE_CHUNK, protocol.AI_RESPONSE_COMPLETE,
+                                               protocol.AI_RESPONSE_ERROR, protocol.FILE_UPLOADED}),
+    # on_upload_finalized telling the uploader, in the user's own room, that a file was refused.
+    protocol.user_room(""): frozenset({protocol.ERROR}),
+}
+
+
+def is_function_emit(message: dict) -> bool:
+    """True for an emit that a function makes: one of ``FUNCTION_EMITS``, to one room, plain.
+
+    Plain: the default namespace, no binary attachments, no callback, no
+    connection skipped; a function's write-only manager never sets those.
+    """
+    if message.get("method") != "emit" or message.get("namespace") not in (None, "/"):
+        return False
+    if message.get("binary") or message.get("callback") or message.get("skip_sid"):
+        return False
+    room, event = message.get("room"), message.get("event")
+    return isinstance(room, str) and isinstance(event, str) and any(
+        room.startswith(prefix) and len(room) > len(prefix) and event in events
+        for prefix, events in FUNCTION_EMITS.items())
+
+
+class DropLog:
+    """WARNING about messages dropped from the functions' topic, at most once per ``interval`` seconds.
+
+    Forged messages may come by the thousand; each WARNING counts those
+    dropped since the previous one and describes the latest.
+    """
+
+    def __init__(self, interval: float = 60.0, clock: Callable[[], float] = time.monotonic):
+        self.interval = interval
+        self._clock = clock
+        self._lock = threading.Lock()  # the pull threads of several subscriptions may drop at once
+        self._dropped = 0
+        self._quiet_until: float | None = None
+
+    def dropped(self, message: dict) -> None:
+        with self._lock:
+            self._dropped += 1
+            now = self._clock()
+            if self._quiet_until is not None and now < self._quiet_until:
+                return
+            count, self._dropped, self._quiet_until = self._dropped, 0, now + self.interval
+        logger.warning("room bus: dropped %d message(s) from the functions' topic that no function sends "
+                       "(latest: method=%s event=%s room=%s); only the functions' accounts may publish there: "
+                       "check who did", count, *(_short(message.get(key)) for key in ("method", "event", "room")))
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def admit_function_emits(items: list[dict], drop_log: DropLog) -> list[dict]:
+    """The manager messages of one bus message from the functions' topic that an instance may obey."""
+    admitted = []
+    for item in items:
+        if is_function_emit(item):
+            admitted.append(item)
+        else:
+            drop_log.dropped(item)
+    return admitted
+
+
+@dataclass(frozen=True)
+class _Feed:
+    """One of an instance's subscriptions: its name, its topic, and which of its messages are obeyed."""
+
+    name: str
+    topic_path: str
+    from_peers: bool  # the instances' own topic: everything is obeyed, and this instance's own emits skipped
+
+
 class PubSubTransport:
-    """Publishes packed manager messages and runs the per-instance message stream (see subscriber.py)."""
+    """Publishes packed manager messages and runs the per-instance message streams (see subscriber.py)."""
 
     def __init__(self, project_id: str, topic: str, *, host_id: str,
                  subscription: InstanceSubscription | None = None,
@@ -139,12 +242,16 @@ class PubSubTransport:
         self._pending: dict[Future, int] = {}
         self._pending_by_key: dict[str, dict[Future, int]] = {}
         self._settled = threading.Condition(self._lock)
+        # The subscription on the peers' topic; None until created, and whenever the listener must
+        # create them again. ``_subscribed``: every subscription of this instance, with its path.
         self.subscription_path: str | None = None
-        # How many times the subscription had to be created again because it had vanished
+        self._subscribed: list[tuple[_Feed, str]] = []
+        # How many times the subscriptions had to be created again because one had vanished
         # (see create_subscription); the async manager re-syncs its clients after each.
         self.vanished = 0
         self._subscribed_before = False
-        self._streaming = None
+        self._streams: list = []
+        self.drop_log = DropLog()  # what the functions' topic carried that no function sends
         # The latest publish error, and how many bus messages were lost in all.
         self.last_publish_error: BaseException | None = None
         self.failed_publishes = 0
@@ -235,50 +342,92 @@ class PubSubTransport:
         with self._lock:
             return len(self._pending if key is None else self._pending_by_key.get(key, ()))
 
-    # -- per-instance subscription ------------------------------------
-    def create_subscription(self) -> str:
+    # -- per-instance subscriptions -----------------------------------
+    def _feeds(self) -> list[_Feed]:
+        """This instance's subscriptions: on its peers' topic, and on the functions' if the template names it."""
         template = self._subscription_template
         if template is None:
             raise RuntimeError("this transport has no subscription template (write-only?)")
-        name = f"{template.name_prefix}{self.host_id}"
-        path = self.subscriber.subscription_path(self.project_id, name)
+        feeds = [_Feed(f"{template.name_prefix}{self.host_id}", self.topic_path, from_peers=True)]
+        if template.function_events_topic:
+            if not template.function_events_name_prefix:
+                raise ValueError("a subscription on the functions' topic needs function_events_name_prefix")
+            feeds.append(_Feed(f"{template.function_events_name_prefix}{self.host_id}",
+                               f"projects/{self.project_id}/topics/{template.function_events_topic}",
+                               from_peers=False))
+        return feeds
+
+    def create_subscription(self) -> str:
+        """Create this instance's subscriptions, or find them; returns the path of the one on its peers' topic."""
+        subscribed, created = [], False
+        for feed in self._feeds():
+            path, new = self._create(feed)
+            subscribed.append((feed, path))
+            created = created or new
+        # Created, not found: if this transport had them before, one vanished (deleted, expired,
+        # a Pub/Sub emulator restarted empty) together with the messages it held, and nothing
+        # was kept for this instance while it did not exist.
+        if created and self._subscribed_before:
+            self.vanished += 1
+        self._subscribed_before = True
+        self._subscribed = subscribed
+        self.subscription_path = subscribed[0][1]
+        return self.subscription_path
+
+    def _create(self, feed: _Feed) -> tuple[str, bool]:
+        """The subscription's path, and whether it had to be created."""
+        template = self._subscription_template
+        path = self.subscriber.subscription_path(self.project_id, feed.name)
         request = {
             "name": path,
-            "topic": self.topic_path,
+            "topic": feed.topic_path,
             "enable_message_ordering": True,
             "ack_deadline_seconds": template.ack_deadline_seconds,
             "message_retention_duration": {"seconds": template.message_retention_seconds},
             "expiration_policy": {"ttl": {"seconds": template.expiration_ttl_seconds}},
-            # Our own emits were delivered locally already.
-            "filter": f'NOT attributes.origin = "{self.host_id}"',
         }
+        if feed.from_peers:
+            # Our own emits were delivered locally already.
+            request["filter"] = f'NOT attributes.origin = "{self.host_id}"'
         try:
             self.subscriber.create_subscription(request=request)
-            # Created, not found: if this transport had one before, it vanished (deleted,
-            # expired, a Pub/Sub emulator restarted empty) together with the messages it held,
-            # and nothing was kept for this instance while it did not exist.
-            if self._subscribed_before:
-                self.vanished += 1
-                logger.warning("subscription %s had vanished and was created again; the bus messages "
-                               "published meanwhile are lost to this instance", path)
         except gexc.AlreadyExists:
-            pass
-        self._subscribed_before = True
-        self.subscription_path = path
-        return path
+            return path, False
+        if self._subscribed_before:
+            logger.warning("subscription %s had vanished and was created again; the bus messages "
+                           "published meanwhile are lost to this instance", path)
+        return path, True
 
     def start_pull(self, on_messages: Callable[[list[dict]], None],
                    on_failure: Callable[[BaseException], None], flow_control=None) -> None:
-        """Stream messages; ``on_messages`` runs on a client thread, in order per room.
+        """Stream messages from every subscription; ``on_messages`` runs on a client thread, in order per room.
 
-        ``flow_control``: the ``Inbox`` that ``on_messages`` fills, so the pull
-        stops while it is full (see bus_inbox.py); by default each Pull asks
+        ``flow_control``: the ``Inbox`` that ``on_messages`` fills, so the pulls
+        stop while it is full (see bus_inbox.py); by default each Pull asks
         for up to ``max_messages_outstanding``, however far behind the consumer is.
+        With two subscriptions, two pull threads fill one inbox, and each asks
+        for what fits when it pulls: together they may hold up to twice its
+        capacity (still bounded; the Inbox does not reserve room per Pull).
         """
+        flow = flow_control if flow_control is not None else pubsub_v1.types.FlowControl(
+            max_messages=self._max_outstanding)
 
+        def done(future) -> None:
+            error = future.exception() if not future.cancelled() else None
+            if error is not None:
+                on_failure(error)
+
+        self._streams = [self.subscriber.subscribe(path, self._callback(feed, on_messages), flow_control=flow)
+                         for feed, path in self._subscribed]
+        for stream in self._streams:
+            stream.add_done_callback(done)
+
+    def _callback(self, feed: _Feed, on_messages: Callable[[list[dict]], None]) -> Callable:
         def callback(message) -> None:
             try:
                 items = decode(message.data, self.loads)
+                if not feed.from_peers:
+                    items = admit_function_emits(items, self.drop_log)
                 if items:
                     on_messages(items)
             finally:
@@ -288,42 +437,42 @@ class PubSubTransport:
                 # The bus is real-time: a retry later is worse than a loss now.
                 message.ack()
 
-        flow = flow_control if flow_control is not None else pubsub_v1.types.FlowControl(
-            max_messages=self._max_outstanding)
-        self._streaming = self.subscriber.subscribe(self.subscription_path, callback, flow_control=flow)
-
-        def done(future) -> None:
-            error = future.exception() if not future.cancelled() else None
-            if error is not None:
-                on_failure(error)
-
-        self._streaming.add_done_callback(done)
+        return callback
 
     @property
     def pulling(self) -> bool:
-        return self._streaming is not None and not self._streaming.done()
+        return bool(self._streams) and not any(stream.done() for stream in self._streams)
 
     def stop_pull(self, timeout: float = 5.0) -> None:
-        # Swap first: close() and the listener's cleanup may both stop the pull.
-        streaming, self._streaming = self._streaming, None
-        if streaming is not None:
-            streaming.cancel()
+        # Swap first: close() and the listener's cleanup may both stop the pulls.
+        streams, self._streams = self._streams, []
+        for stream in streams:
+            stream.cancel()
+        deadline = time.monotonic() + timeout
+        for stream in streams:
             try:
-                streaming.result(timeout=timeout)
+                stream.result(timeout=max(0.0, deadline - time.monotonic()))
             except TimeoutError:
                 logger.warning("the bus pull did not stop within %.1fs; abandoned", timeout)
             except Exception:  # cancelled futures raise; nothing to report
                 pass
 
     def delete_subscription(self, timeout: float = 5.0) -> None:
-        """Delete this instance's subscription, giving up after ``timeout`` seconds (retries included).
+        """Delete this instance's subscriptions, giving up after ``timeout`` seconds (retries included).
 
         Never raises: a stopping instance must not hang on an unreachable
         Pub/Sub. A subscription left behind is removed by its expiration policy.
         """
         path, self.subscription_path = self.subscription_path, None
+        subscribed, self._subscribed = self._subscribed, []
         if path is None:
             return
+        deadline = time.monotonic() + timeout
+        for done, (_, each) in enumerate(subscribed):
+            # An equal share of what is left: an unreachable Pub/Sub must not leave the others no time.
+            self._delete(each, (deadline - time.monotonic()) / (len(subscribed) - done))
+
+    def _delete(self, path: str, timeout: float) -> None:
         template = self._subscription_template
         expiry = (f"its {template.expiration_ttl_seconds / 3600:g} h expiration policy removes it"
                   if template else "its expiration policy removes it")

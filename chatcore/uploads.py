@@ -7,7 +7,8 @@ Layout (names from ``topology.json`` -> ``uploads``)::
         user_id, username, conversation_id, object_name, filename, content_type,
         size, caption, status, created_at, expires_at, url_expires_at,
         message_id?, generation?, emit_claimed_at?, emitted?
-    upload_quotas/{user_id}      window_start, window_count
+    upload_quotas/{user_id}      window_start, window_count,
+                                 stored_bytes_by_day: {"YYYY-MM-DD": bytes accepted that day}
     conversations/{c}/files/{file_id}                               (accepted file)
     conversations/{c}/messages/{message_id}  role user, files: [{file_id, filename,
                                              content_type, size, object_name}]
@@ -19,10 +20,24 @@ written in one transaction with the upload's move out of ``pending``. The
 ``file_uploaded`` emit is claimed in that transaction too, so a redelivered
 event does not emit twice, while a crash before the emit lets a later
 delivery take the stale claim and emit.
+
+Storage quota: the bytes a user's accepted files take are counted per day
+(UTC) when on_upload_finalized accepts them, in the same transaction. The
+bucket deletes objects older than the retention period (a lifecycle rule,
+infra/terraform/storage.tf), so what a user stores at most is what they
+uploaded during the last ``retention_days`` days; older days drop out of the
+count. request_upload refuses a file that would not fit (``too_large``),
+and the acceptance checks again, since uploads granted together may arrive
+together. The count is conservative: a file deleted earlier (with its
+conversation) still counts until its day drops out.
+
+Objects are read with ``read_object_head``: their stored bytes, never
+decompressed, never more than the caller's cap.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import re
 import secrets
@@ -34,10 +49,13 @@ from functools import lru_cache
 from google.cloud import firestore
 
 from . import protocol, topology
-from .errors import Forbidden, InvalidArgument, NotFound, RateLimited
+from .errors import Forbidden, InvalidArgument, NotFound, RateLimited, TooLarge
 from .store import TOUCH_INTERVAL, ChatStore, Message, order_key, utcnow
 
 UPLOAD_QUOTAS = "upload_quotas"
+STORED_BY_DAY = "stored_bytes_by_day"
+DEFAULT_STORAGE_QUOTA_BYTES = 1024 * 1024 * 1024
+DEFAULT_RETENTION_DAYS = 90
 FILES = "files"
 
 PENDING = "pending"
@@ -155,6 +173,8 @@ def parse_object_name(name: str) -> ObjectRef | None:
 class UploadPolicy:
     uploads_per_window: int = 30
     window_seconds: int = 60
+    storage_quota_bytes: int = DEFAULT_STORAGE_QUOTA_BYTES  # per user, over the retention period; 0 = none
+    retention_days: int = DEFAULT_RETENTION_DAYS            # the bucket's lifecycle rule deletes older objects
 
 
 @dataclass(frozen=True)
@@ -210,6 +230,31 @@ def window_admit(doc: dict | None, now: datetime, policy: UploadPolicy) -> dict:
     return {"window_start": window_start, "window_count": count + 1}
 
 
+def stored_bytes_by_day(doc: dict | None, now: datetime, policy: UploadPolicy) -> dict[str, int]:
+    """The user's accepted bytes per day, for the days whose objects the bucket still keeps."""
+    first_kept = (now - timedelta(days=policy.retention_days)).strftime("%Y-%m-%d")
+    return {day: size for day, size in ((doc or {}).get(STORED_BY_DAY) or {}).items() if day >= first_kept}
+
+
+def storage_refusal(doc: dict | None, size: int, now: datetime, policy: UploadPolicy) -> TooLarge | None:
+    """Why ``size`` more bytes do not fit in the user's storage quota, or None."""
+    if not policy.storage_quota_bytes:
+        return None
+    used = sum(stored_bytes_by_day(doc, now, policy).values())
+    if used + size <= policy.storage_quota_bytes:
+        return None
+    return TooLarge(f"not enough storage left: your files of the last {policy.retention_days} days take {used} "
+                    f"of your {policy.storage_quota_bytes} bytes")
+
+
+def with_stored(doc: dict | None, size: int, now: datetime, policy: UploadPolicy) -> dict[str, int]:
+    """The per-day counts after accepting ``size`` bytes now (days gone from the bucket dropped)."""
+    days = stored_bytes_by_day(doc, now, policy)
+    today = now.strftime("%Y-%m-%d")
+    days[today] = days.get(today, 0) + size
+    return days
+
+
 @dataclass(frozen=True)
 class Acceptance:
     """What the finalize path does next.
@@ -224,7 +269,7 @@ class Acceptance:
     message: Message | None = None
     emit: bool = False
     busy: bool = False
-    refusal: InvalidArgument | Forbidden | NotFound | None = None
+    refusal: InvalidArgument | Forbidden | NotFound | TooLarge | None = None
     delete_object: bool = False
 
 
@@ -241,16 +286,25 @@ class UploadStore:
     def file_ref(self, conversation_id: str, file_id: str):
         return self.store.conversation_ref(conversation_id).collection(FILES).document(file_id)
 
+    def quota_ref(self, user_id: str):
+        return self.db.collection(UPLOAD_QUOTAS).document(user_id)
+
     async def create_pending(self, upload: PendingUpload, policy: UploadPolicy) -> None:
-        """Record a pending upload, counting it against the user's window (``RateLimited``: nothing stored)."""
-        quota_ref = self.db.collection(UPLOAD_QUOTAS).document(upload.user_id)
+        """Record a pending upload, counting it against the user's window.
+
+        ``RateLimited`` (over the window) or ``TooLarge`` (over the storage quota): nothing stored."""
+        quota_ref = self.quota_ref(upload.user_id)
         ref = self.upload_ref(upload.id)
 
         @firestore.async_transactional
         async def write(transaction) -> None:
             snapshot = await quota_ref.get(transaction=transaction)
-            transaction.set(quota_ref, window_admit(snapshot.to_dict() if snapshot.exists else None,
-                                                    upload.created_at, policy))
+            quota = snapshot.to_dict() if snapshot.exists else None
+            window = window_admit(quota, upload.created_at, policy)
+            refusal = storage_refusal(quota, upload.size, upload.created_at, policy)
+            if refusal is not None:
+                raise refusal
+            transaction.set(quota_ref, window, merge=True)  # the storage counts stay
             transaction.create(ref, upload.to_doc())
 
         await write(self.db.transaction())
@@ -273,8 +327,8 @@ class UploadStore:
 
         return await write(self.db.transaction())
 
-    async def accept(self, upload_id: str, generation: int) -> Acceptance:
-        """Write the upload's message and file record once, and claim the ``file_uploaded`` emit."""
+    async def accept(self, upload_id: str, generation: int, policy: UploadPolicy = UploadPolicy()) -> Acceptance:
+        """Write the upload's message and file record once, count its bytes, and claim the ``file_uploaded`` emit."""
         ref = self.upload_ref(upload_id)
 
         @firestore.async_transactional
@@ -289,7 +343,9 @@ class UploadStore:
             if upload.status != PENDING:
                 return Acceptance(delete_object=True)  # refused before; this is a later generation
             conv_doc = await self.store.conversation_ref(upload.conversation_id).get(transaction=transaction)
-            refusal = self._refusal(upload, conv_doc, now)
+            quota_doc = await self.quota_ref(upload.user_id).get(transaction=transaction)
+            quota = quota_doc.to_dict() if quota_doc.exists else None
+            refusal = self._refusal(upload, conv_doc, now) or storage_refusal(quota, upload.size, now, policy)
             if refusal is not None:
                 status = EXPIRED if isinstance(refusal, InvalidArgument) else REJECTED
                 transaction.update(ref, {"status": status, "reason": refusal.message, "rejected_at": now})
@@ -302,6 +358,9 @@ class UploadStore:
             transaction.create(self.file_ref(upload.conversation_id, upload.id), {
                 **upload.file_record(), "upload_id": upload.id, "message_id": message.id,
                 "user_id": upload.user_id, "created_at": now, "generation": generation})
+            # Only this field: it replaces the old per-day map (days gone from the bucket dropped).
+            transaction.set(self.quota_ref(upload.user_id), {STORED_BY_DAY: with_stored(quota, upload.size, now, policy)},
+                            merge=[STORED_BY_DAY])
             transaction.update(ref, {"status": COMPLETE, "message_id": message.id, "generation": generation,
                                      "completed_at": now, layout().pending_expiry_field: firestore.DELETE_FIELD,
                                      "emit_claimed_at": now, "emitted": False})
@@ -359,3 +418,40 @@ def delete_conversation_objects(storage_client, bucket: str, conversation_id: st
             pass
     return deleted
 
+
+class _SinkFull(Exception):
+    """The capped download target has all the bytes it keeps."""
+
+
+class _CappedSink(io.BytesIO):
+    """A download target that keeps at most ``limit`` bytes, and stops the download once it has them."""
+
+    def __init__(self, limit: int):
+        super().__init__()
+        self.limit = limit
+
+    def write(self, data) -> int:
+        room = self.limit - self.tell()
+        if len(data) > room:
+            super().write(bytes(data[:room]))
+            raise _SinkFull
+        return super().write(data)
+
+
+def read_object_head(blob, max_bytes: int) -> bytes:
+    """At most the first ``max_bytes`` of an object, exactly as stored (blocking; run it in a thread).
+
+    ``raw_download``: never decompressed, whatever the object's
+    ``contentEncoding``. Cloud Storage does not require that header to be
+    signed, and the client inflates what it downloads: a 4 KB range of a
+    gzip of zeros is megabytes, a prompt's range gigabytes. And the capped
+    sink stops the download at ``max_bytes`` even if a server ignored the
+    range (Cloud Storage does for decompressive transcoding)."""
+    if max_bytes <= 0:
+        return b""
+    sink = _CappedSink(max_bytes)
+    try:
+        blob.download_to_file(sink, start=0, end=max_bytes - 1, raw_download=True, checksum=None)
+    except _SinkFull:
+        pass
+    return sink.getvalue()

@@ -189,7 +189,10 @@ class Stack:
         """Create every topic and subscription of the topology (idempotent).
 
         ``push_endpoints`` maps a function target to its local base URL; a push
-        subscription is created only for targets that run locally.
+        subscription is created only for targets that run locally. The two
+        room-bus topics (``chat-events``, ``chat-events-functions``) get no
+        subscription here: each socket-service instance creates its own on
+        both (chatcore/pubsub_transport.py), as in production.
         """
         from google.api_core import exceptions as gexc
         from google.cloud import pubsub_v1

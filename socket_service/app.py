@@ -120,12 +120,14 @@ def create_app(settings: Settings, *, firestore_client=None, publisher=None, sub
         settings.gcp.project_id, topo.chat_events_topic, subscription=topo.instance_subscription,
         pack_window=settings.bus_pack_window_ms / 1000, publisher=publisher, subscriber=subscriber,
         logger=logging.getLogger("chatcore.bus"))
-    # A python-socketio AsyncServer that closes connections sending malformed frames (frames.py).
+    # A python-socketio AsyncServer that closes connections sending malformed frames,
+    # and those not authenticated within AUTH_TIMEOUT_SECONDS (frames.py).
     sio = ChatServer(
         async_mode="aiohttp", client_manager=bus, cors_allowed_origins=list(settings.cors_allowed_origins)
         if "*" not in settings.cors_allowed_origins else "*",
         max_http_buffer_size=settings.max_http_buffer_size, logger=False, engineio_logger=False,
-        malformed_warnings=settings.malformed_frame_warnings, malformed_window=settings.malformed_frame_window_seconds)
+        malformed_warnings=settings.malformed_frame_warnings, malformed_window=settings.malformed_frame_window_seconds,
+        auth_timeout=settings.auth_timeout_seconds)
     verifier = verifier or TokenVerifier(settings.auth)
     ai_requests = AiRequestPublisher(bus.transport.publisher, settings.gcp.project_id, topo.ai_requests_topic,
                                      store, sio)

@@ -186,6 +186,12 @@ def check_polling_payload(raw: bytes) -> None:
         check_engineio_packet(packet)
 
 
+async def flush(socket) -> None:
+    """Wait until the client's transport has taken what was queued for it, at most ``CUT_OFF_FLUSH_SECONDS``."""
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(socket.queue.join(), CUT_OFF_FLUSH_SECONDS)
+
+
 class GuardedWebSocket(eio_aiohttp.WebSocket):
     """engineio's aiohttp WebSocket wrapper, refusing malformed Engine.IO frames.
 
@@ -203,18 +209,18 @@ class GuardedWebSocket(eio_aiohttp.WebSocket):
             # Left in place, the entry would keep the closed connection (and its socket) for good.
             self.server.websockets.pop(self.socket, None)
 
-    async def close_for_policy(self) -> None:
-        """Close (1008) once what was queued before (the refusal, the last answers) is out, within a bound."""
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.socket.queue.join(), CUT_OFF_FLUSH_SECONDS)
-        await self._sock.close(code=WSCloseCode.POLICY_VIOLATION, message=b"too many events")
+    async def close_for_policy(self, reason: str) -> None:
+        """Close (1008, ``reason``) once what was queued before (the refusal, the last answers) is out, within a bound."""
+        await flush(self.socket)
+        await self._sock.close(code=WSCloseCode.POLICY_VIOLATION, message=reason.encode())
 
     async def wait(self):
         server: GuardedEngineIOServer = self.server
         if server.is_refused(self.socket):
             return await self._close_refused()
-        if server.is_cut_off(self.socket):
-            await self.close_for_policy()
+        reason = server.cut_off_reason(self.socket)
+        if reason is not None:
+            await self.close_for_policy(reason)
             return None
         message = await self._sock.receive()
         if message.type == WSMsgType.ERROR and getattr(message.data, "code", None) != WSCloseCode.MESSAGE_TOO_BIG:
@@ -261,7 +267,7 @@ class GuardedEngineIOServer(engineio.AsyncServer):
         super().__init__(*args, **kwargs)
         self.frame_warnings = WarningBudget(logger)
         self._refused: weakref.WeakSet = weakref.WeakSet()
-        self._cut_off: weakref.WeakSet = weakref.WeakSet()
+        self._cut_off: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # socket -> why it was cut off
         self._closing: set[asyncio.Task] = set()
         # engineio socket -> the WebSocket carrying it, while it is open (GuardedWebSocket.__call__)
         self.websockets: dict = {}
@@ -280,29 +286,39 @@ class GuardedEngineIOServer(engineio.AsyncServer):
     def is_refused(self, socket) -> bool:
         return socket in self._refused
 
-    def is_cut_off(self, socket) -> bool:
-        return socket in self._cut_off
+    def cut_off_reason(self, socket) -> str | None:
+        """Why ``cut_off`` closed this connection, or None if it did not."""
+        return self._cut_off.get(socket)
 
-    async def cut_off(self, sid: str) -> None:
-        """Close a connection for what it does (a flood), not for its framing.
+    async def cut_off(self, sid: str, reason: str = "too many events") -> None:
+        """Close a connection for what it does (a flood, no authentication), not for its framing.
 
         Socket.IO's own ``disconnect`` only leaves the namespace: a client
         that ignores the DISCONNECT packet keeps its Engine.IO connection and
-        can go on sending. A WebSocket is closed (1008) once what was queued
-        for it is out (at most ``CUT_OFF_FLUSH_SECONDS``), a long-polling
-        session at once.
+        can go on sending. Here its frames are ignored from now on, and it is
+        closed once what was queued for it (a refusal, the last answers) is
+        out, within ``CUT_OFF_FLUSH_SECONDS``: a WebSocket with 1008 and
+        ``reason``, a long-polling session with Engine.IO's CLOSE.
         """
         socket = self.sockets.get(sid)
-        if socket is None or socket in self._cut_off:
+        if socket is None or socket.closing or socket.closed or socket in self._cut_off:
             return
-        self._cut_off.add(socket)
+        self._cut_off[socket] = reason
         websocket = self.websockets.get(socket)
         if websocket is not None:
             # Closing the WebSocket ends its receive loop, even one waiting on an idle client.
-            self._closing.add(asyncio.ensure_future(websocket.close_for_policy()))
-            self._closing = {t for t in self._closing if not t.done()}
+            self.in_background(websocket.close_for_policy(reason))
         elif not socket.upgraded:
-            await socket.close(wait=False, reason=self.reason.SERVER_DISCONNECT)
+            self.in_background(self._close_polling(socket))
+
+    async def _close_polling(self, socket) -> None:
+        await flush(socket)
+        await socket.close(wait=False, reason=self.reason.SERVER_DISCONNECT)
+
+    def in_background(self, work) -> None:
+        """Run ``work`` in a task of its own, holding a reference until it ends."""
+        self._closing.add(asyncio.ensure_future(work))
+        self._closing = {t for t in self._closing if not t.done()}
 
     async def refuse_frame(self, sid: str | None, reason: str) -> None:
         """Log the refusal (once per connection, within the budget) and close the connection.
@@ -381,25 +397,37 @@ class StrictPacket(sio_packet.Packet):
 
 
 class ChatServer(socketio.AsyncServer):
-    """python-socketio's AsyncServer that closes connections sending malformed frames (module docstring).
+    """python-socketio's AsyncServer that closes connections sending malformed frames (module docstring),
+    and Engine.IO sessions that do not authenticate.
 
     ``malformed_warnings`` per ``malformed_window`` seconds is the budget of
-    WARNING lines about them.
+    WARNING lines about malformed frames.
+
+    The token is checked only at a Socket.IO CONNECT, yet an Engine.IO
+    session lives as long as it answers pings: without more, sockets that
+    never send CONNECT, or whose CONNECT was refused, would pile up. So a
+    session must have a namespace connected (a CONNECT accepted) within
+    ``auth_timeout`` seconds of opening, or of leaving its last namespace,
+    or it is closed (1008 "authentication timeout"); a refused CONNECT closes
+    its session at once, after the refusal (1008 "connection refused").
+    ``auth_timeout=None`` turns the deadline off (refusals still close).
     """
 
     def __init__(self, *args, malformed_warnings: int = DEFAULT_WARNINGS_PER_WINDOW,
-                 malformed_window: float = DEFAULT_WINDOW_SECONDS, **kwargs):
+                 malformed_window: float = DEFAULT_WINDOW_SECONDS, auth_timeout: float | None = None, **kwargs):
         kwargs.setdefault("serializer", StrictPacket)
         super().__init__(*args, **kwargs)
         self.eio.frame_warnings = WarningBudget(logger, malformed_warnings, malformed_window)
+        self.auth_timeout = auth_timeout
+        self._auth_deadlines: dict[str, asyncio.TimerHandle] = {}  # Engine.IO sid -> its pending deadline
 
     def _engineio_server_class(self):
         return GuardedEngineIOServer
 
     async def _handle_eio_message(self, eio_sid, data):
         socket = self.eio.sockets.get(eio_sid)
-        if socket is None or self.eio.is_refused(socket):
-            return  # the rest of a refused connection's frames
+        if socket is None or self.eio.is_refused(socket) or self.eio.cut_off_reason(socket) is not None:
+            return  # the rest of a refused or cut-off connection's frames
         try:
             if isinstance(data, str) and data[:1] in ("5", "6") and eio_sid not in self._binary_packet:
                 # python-socketio raises ValueError for attachments announced outside a connected namespace.
@@ -410,3 +438,64 @@ class ChatServer(socketio.AsyncServer):
         except MalformedFrame as exc:
             self._binary_packet.pop(eio_sid, None)
             await self.eio.refuse_frame(eio_sid, str(exc))
+
+    # -- authentication deadline (see the class docstring) ---------------------
+    async def _handle_eio_connect(self, eio_sid, environ):
+        await super()._handle_eio_connect(eio_sid, environ)
+        self._start_auth_deadline(eio_sid)
+
+    async def _handle_connect(self, eio_sid, namespace, data):
+        await super()._handle_connect(eio_sid, namespace, data)
+        if self._authenticated(eio_sid):
+            self._stop_auth_deadline(eio_sid)
+        elif not self._in_a_namespace(eio_sid):  # refused, and in no other namespace either
+            await self.eio.cut_off(eio_sid, "connection refused")
+
+    async def _handle_disconnect(self, eio_sid, namespace, reason=None):
+        await super()._handle_disconnect(eio_sid, namespace, reason)
+        self._restart_auth_deadline_if_unauthenticated(eio_sid)
+
+    async def disconnect(self, sid, namespace=None, ignore_queue=False):
+        eio_sid = self.manager.eio_sid_from_sid(sid, namespace or "/")
+        await super().disconnect(sid, namespace=namespace, ignore_queue=ignore_queue)
+        if eio_sid is not None:  # a connection of this instance
+            self._restart_auth_deadline_if_unauthenticated(eio_sid)
+
+    async def _handle_eio_disconnect(self, eio_sid, reason):
+        await super()._handle_eio_disconnect(eio_sid, reason)
+        self._stop_auth_deadline(eio_sid)
+
+    def _authenticated(self, eio_sid: str) -> bool:
+        """Whether a namespace of this session is connected (its CONNECT accepted)."""
+        return any(self.manager.is_connected(self.manager.sid_from_eio_sid(eio_sid, namespace), namespace)
+                   for namespace in self.manager.get_namespaces())
+
+    def _in_a_namespace(self, eio_sid: str) -> bool:
+        """Connected, or connecting (its connect handler still running), or disconnecting, in some namespace."""
+        return any(self.manager.sid_from_eio_sid(eio_sid, namespace) is not None
+                   for namespace in self.manager.get_namespaces())
+
+    def _start_auth_deadline(self, eio_sid: str) -> None:
+        if self.auth_timeout is None:
+            return
+        self._stop_auth_deadline(eio_sid)
+        loop = asyncio.get_running_loop()
+        self._auth_deadlines[eio_sid] = loop.call_later(self.auth_timeout, self._auth_deadline_passed, eio_sid)
+
+    def _stop_auth_deadline(self, eio_sid: str) -> None:
+        deadline = self._auth_deadlines.pop(eio_sid, None)
+        if deadline is not None:
+            deadline.cancel()
+
+    def _restart_auth_deadline_if_unauthenticated(self, eio_sid: str) -> None:
+        socket = self.eio.sockets.get(eio_sid)
+        if socket is not None and not (socket.closing or socket.closed) and not self._in_a_namespace(eio_sid):
+            self._start_auth_deadline(eio_sid)
+
+    def _auth_deadline_passed(self, eio_sid: str) -> None:
+        self._auth_deadlines.pop(eio_sid, None)
+        # A session still in a namespace is left to it: a CONNECT whose handler
+        # is running ends accepted, or refused (and closed by _handle_connect);
+        # a namespace left restarts the deadline.
+        if not self._in_a_namespace(eio_sid):
+            self.eio.in_background(self.eio.cut_off(eio_sid, "authentication timeout"))

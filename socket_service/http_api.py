@@ -1,6 +1,8 @@
 """The HTTP API of PROTOCOL.md, on aiohttp.
 
-Every ``/api/*`` route except the dev token needs ``Authorization: Bearer``.
+Every ``/api/*`` route except the dev token needs ``Authorization: Bearer``,
+and counts against its user's rate limit on this instance (``HTTP_REQUESTS_PER_SECOND``,
+``HTTP_REQUEST_BURST``; over it: 429 ``rate_limited`` with ``Retry-After``).
 Errors are ``{"error": {"code", "message"}}`` with the status of the
 ``ChatError`` raised; the mapping lives only in ``error_middleware``.
 """
@@ -10,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
@@ -23,6 +26,7 @@ from chatcore.errors import ChatError, InvalidArgument, NotFound, Unauthenticate
 from chatcore.signing import SigningUnavailable, UrlSigner
 from chatcore.transactions import is_transient, unavailable
 
+from .ratelimit import UserBuckets
 from .settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -34,9 +38,12 @@ SIO = web.AppKey("sio", object)
 STATE = web.AppKey("state", dict)
 SIGNER = web.AppKey("signer", UrlSigner)
 STORAGE = web.AppKey("storage", object)  # google.cloud.storage.Client of the uploads bucket
+USER_LIMITS = web.AppKey("user_limits", UserBuckets)  # the HTTP API's per-user rate limits
 
 MAX_JSON_BODY = 64 * 1024
 READY_CHECK_SECONDS = 2.5
+# /readyz is public: its answer is reused this long, so probes cannot multiply backend calls.
+READY_CACHE_SECONDS = 1.0
 
 
 def _error_response(err: ChatError) -> web.Response:
@@ -111,13 +118,17 @@ def cors_middleware(allowed: tuple[str, ...]):
 
 
 async def identity(request: web.Request) -> Identity:
+    """The caller, from its bearer token; each call counts one request against the caller's rate limit."""
     token = bearer_token(request.headers.get("Authorization"))
     if token is None:
         raise Unauthenticated("missing Authorization: Bearer token")
     verifier = request.app[VERIFIER]
     if verifier.uses_network(token):
-        return await asyncio.to_thread(verifier.verify, token)
-    return verifier.verify(token)
+        user = await asyncio.to_thread(verifier.verify, token)
+    else:
+        user = verifier.verify(token)
+    request.app[USER_LIMITS].take(user.user_id)
+    return user
 
 
 async def read_body(request: web.Request, limit: int) -> bytes:
@@ -160,23 +171,61 @@ async def healthz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
 
-async def readyz(request: web.Request) -> web.Response:
-    state = request.app[STATE]
-    if state.get("shutting_down"):
-        return web.json_response({"status": "shutting down"}, status=503)
+class CachedCheck:
+    """The result of an async ``check``, reused for ``ttl`` seconds after it ends; callers meanwhile share one run.
+
+    The shared run is shielded: a caller that goes away does not cancel it for the others.
+    """
+
+    def __init__(self, check: Callable[[], Awaitable], ttl: float, clock: Callable[[], float] = time.monotonic):
+        self._check = check
+        self._ttl = ttl
+        self._clock = clock
+        self._result = None
+        self._expires = float("-inf")
+        self._running: asyncio.Future | None = None
+
+    async def get(self):
+        if self._clock() < self._expires:
+            return self._result
+        if self._running is None:
+            self._running = asyncio.ensure_future(self._refresh())
+        return await asyncio.shield(self._running)
+
+    async def _refresh(self):
+        try:
+            self._result = await self._check()
+            self._expires = self._clock() + self._ttl
+            return self._result
+        finally:
+            self._running = None
+
+
+READINESS = web.AppKey("readiness", CachedCheck)
+
+
+async def backend_checks(app: web.Application) -> dict[str, str]:
+    """``{backend: "ok" or what is wrong}`` for Firestore and the room bus (one read, one Pub/Sub call)."""
     checks = {}
     # Each check has its own bound: a stalled backend must not stall the probe.
     try:
-        await asyncio.wait_for(request.app[STORE].ping(), READY_CHECK_SECONDS)
+        await asyncio.wait_for(app[STORE].ping(), READY_CHECK_SECONDS)
         checks["firestore"] = "ok"
     except Exception as exc:  # any failure means not ready; say which
         checks["firestore"] = f"unreachable: {type(exc).__name__}"
-    bus = state["bus"]
+    bus = app[STATE]["bus"]
     try:
         await asyncio.wait_for(bus.check(), READY_CHECK_SECONDS)
         checks["bus"] = "ok" if bus.healthy else "not listening"
     except Exception as exc:
         checks["bus"] = f"unreachable: {type(exc).__name__}"
+    return checks
+
+
+async def readyz(request: web.Request) -> web.Response:
+    if request.app[STATE].get("shutting_down"):
+        return web.json_response({"status": "shutting down"}, status=503)
+    checks = await request.app[READINESS].get()
     ready = all(v == "ok" for v in checks.values())
     return web.json_response({"status": "ok" if ready else "unavailable", "checks": checks},
                              status=200 if ready else 503)
@@ -303,6 +352,8 @@ async def list_messages(request: web.Request) -> web.Response:
 
 
 def add_routes(app: web.Application, settings: Settings) -> None:
+    app[USER_LIMITS] = UserBuckets(settings.http_requests_per_second, settings.http_request_burst)
+    app[READINESS] = CachedCheck(lambda: backend_checks(app), READY_CACHE_SECONDS)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/config.json", config_json)

@@ -18,7 +18,7 @@ import socketio
 from chatcore import protocol
 from chatcore.admission import SendAdmissions
 from chatcore.ai_requests import AiRequest
-from chatcore.auth import TokenVerifier, handshake_token
+from chatcore.auth import Identity, TokenVerifier, handshake_token
 from chatcore.errors import (
     ChatError,
     Forbidden,
@@ -31,7 +31,7 @@ from chatcore.replies import ReplyStore
 from chatcore.store import ChatStore, Message, Posted, Send
 from chatcore.transactions import CommitUnknown, Deadline, is_transient, unavailable
 
-from .ratelimit import FloodWatch, TokenBucket
+from .ratelimit import ConnectionCap, FloodWatch, TokenBucket
 from .settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -72,6 +72,7 @@ class ChatNamespace(socketio.AsyncNamespace):
         self._buckets: dict[str, TokenBucket] = {}
         self._floods: dict[str, FloodWatch] = {}
         self._cooling: dict[str, float] = {}  # user id -> until when (monotonic) new connections are refused
+        self._connections = ConnectionCap(settings.max_connections_per_user)
         self.admissions = SendAdmissions(store, settings.quota)
         self._background: set[asyncio.Task] = set()
 
@@ -171,13 +172,21 @@ class ChatNamespace(socketio.AsyncNamespace):
         except Unauthenticated as err:
             raise connection_refused(err) from None
         self._refuse_if_gone(sid)
+        # A refusal also closes the Engine.IO connection (frames.ChatServer), once the refusal is sent.
         cooling = self._cooling.get(identity.user_id, 0) - time.monotonic()
-        if cooling > 0:
-            # The user's last connection here was cut off for flooding: refuse
-            # at once, then close the Engine.IO connection (in a task of its
-            # own, so the refusal packet is queued before the close).
-            self._keep(asyncio.ensure_future(self._close_transport(self._eio_sid(sid))))
+        if cooling > 0:  # the user's last connection here was cut off for flooding
             raise connection_refused(RateLimited(f"too many events: reconnect in {cooling:.0f} s"))
+        if not self._connections.admit(identity.user_id, sid):
+            # Event limits are per connection: uncapped, a user would multiply them by opening more.
+            raise connection_refused(RateLimited(
+                f"too many connections: at most {self._connections.limit} connections per user on this server"))
+        try:
+            await self._register(sid, identity)
+        except BaseException:
+            self._forget(sid)  # refused or failed: python-socketio will not call on_disconnect for it
+            raise
+
+    async def _register(self, sid: str, identity: Identity) -> None:
         await self.save_session(sid, {"user_id": identity.user_id, "name": identity.name})
         await self.enter_room(sid, protocol.user_room(identity.user_id))
         self._buckets[sid] = TokenBucket(self.settings.events_per_second, self.settings.event_burst)
@@ -218,6 +227,7 @@ class ChatNamespace(socketio.AsyncNamespace):
             timer.cancel()
         self._buckets.pop(sid, None)
         self._floods.pop(sid, None)
+        self._connections.release(sid)
 
     async def _identity(self, sid: str) -> dict:
         return await self.get_session(sid)

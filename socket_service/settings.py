@@ -47,6 +47,7 @@ class Settings:
     dev_token_ttl_seconds: int
     cors_allowed_origins: tuple[str, ...]
     frame_ancestors: tuple[str, ...]
+    token_parent_origins: tuple[str, ...]
     max_message_chars: int
     max_http_buffer_size: int
     upload_url: str
@@ -57,6 +58,10 @@ class Settings:
     bus_pack_window_ms: float
     events_per_second: float
     event_burst: int
+    auth_timeout_seconds: float
+    max_connections_per_user: int
+    http_requests_per_second: float
+    http_request_burst: int
     malformed_frame_warnings: int
     malformed_frame_window_seconds: float
     ai_max_concurrent_per_user: int
@@ -90,6 +95,7 @@ class Settings:
         # CHAT_PORT (make dev, tests) wins over PORT (what Cloud Run sets).
         port_variable = "CHAT_PORT" if env_str(env, "CHAT_PORT") else "PORT"
         port = env_int(env, port_variable, 8080, minimum=1, maximum=65535)
+        frame_ancestors = env_list(env, "FRAME_ANCESTORS", (SELF,) if local else ())
         settings = cls(
             environment=environment,
             host=env_str(env, "CHAT_HOST", "127.0.0.1" if local else "0.0.0.0"),
@@ -99,7 +105,9 @@ class Settings:
             dev_tokens=env_bool(env, "DEV_TOKENS", local),
             dev_token_ttl_seconds=env_int(env, "DEV_TOKEN_TTL_SECONDS", 3600, minimum=5, maximum=86400),
             cors_allowed_origins=env_list(env, "CORS_ALLOWED_ORIGINS", ("*",) if local else ()),
-            frame_ancestors=env_list(env, "FRAME_ANCESTORS", (SELF,) if local else ()),
+            frame_ancestors=frame_ancestors,
+            # Parents that may hand the page a token with postMessage: by default every framer.
+            token_parent_origins=env_list(env, "TOKEN_PARENT_ORIGINS", frame_ancestors),
             max_message_chars=env_int(env, "MAX_MESSAGE_CHARS", 8000, minimum=1),
             max_http_buffer_size=env_int(env, "MAX_HTTP_BUFFER_SIZE", 1_000_000, minimum=1024),
             upload_url=env_str(env, "UPLOAD_URL", "http://127.0.0.1:8081/" if local else ""),
@@ -110,6 +118,10 @@ class Settings:
             bus_pack_window_ms=env_float(env, "BUS_PACK_WINDOW_MS", 2.0, minimum=0, maximum=100),
             events_per_second=env_float(env, "EVENTS_PER_SECOND", 20.0, minimum=0.1),
             event_burst=env_int(env, "EVENT_BURST", 40, minimum=1),
+            auth_timeout_seconds=env_float(env, "AUTH_TIMEOUT_SECONDS", 5.0, minimum=0.5, maximum=60),
+            max_connections_per_user=env_int(env, "MAX_CONNECTIONS_PER_USER", 20, minimum=1),
+            http_requests_per_second=env_float(env, "HTTP_REQUESTS_PER_SECOND", 5.0, minimum=0.01),
+            http_request_burst=env_int(env, "HTTP_REQUEST_BURST", 30, minimum=1),
             malformed_frame_warnings=env_int(env, "MALFORMED_FRAME_WARNINGS", 10, minimum=1),
             malformed_frame_window_seconds=env_float(env, "MALFORMED_FRAME_WINDOW_SECONDS", 60.0, minimum=0.1),
             ai_max_concurrent_per_user=env_int(env, "AI_MAX_CONCURRENT_PER_USER", 2, minimum=1),
@@ -138,6 +150,10 @@ class Settings:
         bad = [o for o in self.frame_ancestors if o != SELF and origin_of(o) != o]
         if bad:
             raise ConfigError(f"FRAME_ANCESTORS takes origins (https://host[:port]) or 'self', not {bad}")
+        unframing = [o for o in self.token_parent_origins if o not in self.frame_ancestors]
+        if unframing:
+            raise ConfigError(f"TOKEN_PARENT_ORIGINS must be among FRAME_ANCESTORS (only a framer is a parent), "
+                              f"not {unframing}")
         if self.dev_tokens and not any(a in HMAC_ALGORITHMS for a in self.auth.algorithms):
             raise ConfigError("DEV_TOKENS needs an HS* algorithm in JWT_ALGORITHMS and a JWT_SECRET")
         parsed = urlparse(self.upload_url)

@@ -4,10 +4,15 @@ The page speaks only the public protocol (PROTOCOL.md). Its third-party
 scripts live in ``ui/vendor/``, filled at install time from pinned npm
 packages (``make ui``), so the page needs no CDN. Every response carries the
 strict headers of ``socket_service.headers``.
+
+The page is told which parent windows may hand it a token with
+``postMessage`` (``TOKEN_PARENT_ORIGINS``) through a ``<meta>`` filled in
+here: it then ignores a token posted by any other window.
 """
 
 from __future__ import annotations
 
+from html import escape
 from pathlib import Path
 
 from aiohttp import web
@@ -15,8 +20,17 @@ from aiohttp import web
 from .headers import security_headers
 
 UI_DIR = Path(__file__).resolve().parent / "ui"
+# In index.html, filled per deployment by index_html().
+TOKEN_ORIGINS_META = '<meta name="chat-token-origins" content="">'
 CONTENT_TYPES = {".html": "text/html", ".js": "text/javascript", ".css": "text/css", ".svg": "image/svg+xml",
                  ".png": "image/png", ".map": "application/json"}
+
+
+def index_html(settings) -> str:
+    """The chat page, naming the origins allowed to post it a token (``'self'`` is read by the page as its own)."""
+    origins = " ".join(getattr(settings, "token_parent_origins", ()))
+    page = (UI_DIR / "index.html").read_text(encoding="utf-8")
+    return page.replace(TOKEN_ORIGINS_META, f'<meta name="chat-token-origins" content="{escape(origins)}">')
 
 
 def add_ui_routes(app: web.Application, settings) -> None:
@@ -36,7 +50,7 @@ def add_ui_routes(app: web.Application, settings) -> None:
         return response
 
     async def index(request: web.Request) -> web.StreamResponse:
-        return serve(UI_DIR / "index.html")
+        return web.Response(text=index_html(settings), headers={**headers, "Content-Type": "text/html; charset=utf-8"})
 
     async def static(request: web.Request) -> web.StreamResponse:
         root = UI_DIR.resolve()

@@ -23,6 +23,8 @@ locals {
     UPLOAD_BUCKET              = google_storage_bucket.uploads.name
     UPLOAD_PENDING_TTL_SECONDS = local.uploads_layout.pending_ttl_seconds
     SIGNING_SERVICE_ACCOUNT    = google_service_account.upload.email
+    # The storage quota counts the days the bucket keeps (storage.tf).
+    UPLOAD_RETENTION_DAYS = var.upload_retention_days
     # functions-framework (gunicorn) threads = requests served at once.
     THREADS = var.upload_concurrency
   }
@@ -39,6 +41,8 @@ locals {
     MAX_MESSAGE_CHARS      = var.max_message_chars
     UPLOADS_PER_WINDOW     = var.uploads_per_window
     UPLOAD_WINDOW_SECONDS  = var.upload_window_seconds
+    # Storage one user's files may take over the retention period.
+    UPLOAD_USER_QUOTA_BYTES = var.upload_user_quota_bytes
   }
   upload_environment = { for k, v in merge(local.upload_env, {
     for name, value in local.upload_optional_env : name => value if value != null && value != ""
@@ -70,6 +74,9 @@ locals {
     GEMINI_LOCATION          = var.gemini_location
     OPENAI_BASE_URL          = var.openai_base_url
     OPENAI_MODEL             = var.openai_model
+    # Hosts OPENAI_BASE_URL may name in production; the budget of all replies together.
+    OPENAI_ALLOWED_HOSTS      = join(",", var.openai_allowed_hosts)
+    AI_GLOBAL_TOKENS_PER_HOUR = var.ai_global_tokens_per_hour
   }
   ai_stream_environment = { for k, v in merge(local.ai_stream_env, {
     for name, value in local.ai_stream_optional_env : name => value if value != null && value != ""
@@ -215,6 +222,8 @@ resource "google_cloudfunctions2_function" "on_upload_finalized" {
     google_project_iam_member.functions_build_logs,
     google_artifact_registry_repository_iam_member.functions_build_push,
     google_storage_bucket_iam_member.functions_build_sources,
+    # Its emits go to chat-events-functions (iam.tf): granted before it runs.
+    google_pubsub_topic_iam_member.publishers,
   ]
 }
 
@@ -275,5 +284,7 @@ resource "google_cloudfunctions2_function" "ai_stream" {
     google_project_iam_member.functions_build_logs,
     google_artifact_registry_repository_iam_member.functions_build_push,
     google_storage_bucket_iam_member.functions_build_sources,
+    # Its emits go to chat-events-functions (iam.tf): granted before it runs.
+    google_pubsub_topic_iam_member.publishers,
   ]
 }

@@ -1,14 +1,15 @@
 # One service account per deployable, each with only the roles it needs, on
 # the narrowest resource that works. No primitive roles (owner/editor/viewer).
 #
-#   socket service  chat-socket   Firestore; publish chat-events and ai-requests;
-#                                 its own per-instance subscriptions on chat-events;
+#   socket service  chat-socket   Firestore; publish chat-events (the only account
+#                                 that may) and ai-requests; its own per-instance
+#                                 subscriptions on chat-events and chat-events-functions;
 #                                 read/delete uploads (signed downloads, conversation
 #                                 deletion), sign URLs as itself; JWT secret
-#   upload functions chat-upload  Firestore; publish chat-events; write/read/delete
-#                                 uploads, sign URLs as itself; JWT secret
-#   ai_stream       chat-ai       Firestore; publish chat-events; read uploads;
-#                                 Vertex AI; model API key secrets if configured
+#   upload functions chat-upload  Firestore; publish chat-events-functions only;
+#                                 write/read/delete uploads, sign URLs as itself; JWT secret
+#   ai_stream       chat-ai       Firestore; publish chat-events-functions only; read
+#                                 uploads; Vertex AI; model API key secrets if configured
 #   push-invoker    chat-push     invoke the two push-fed functions (OIDC identity
 #                                 of the push subscriptions), nothing else
 #   function builds chat-fn-build builds the functions' images (Cloud Build)
@@ -57,12 +58,19 @@ resource "google_project_iam_member" "firestore_user" {
 }
 
 # -- Pub/Sub: publishing is granted per topic. --------------------------------
+# The room bus trusts a topic as far as these grants go (chatcore/pubsub_transport.py):
+# socket-service instances obey every manager command (disconnect, enter_room,
+# close_room, any emit) found on chat-events, so only the socket service may
+# publish there. The functions publish their emits on chat-events-functions,
+# from which the instances obey only the emits the functions make. A stolen
+# function credential can then emit a reply or file event to a room, and
+# nothing more.
 resource "google_pubsub_topic_iam_member" "publishers" {
   for_each = {
-    "socket-chat-events"    = { topic = local.topology.topics.chat_events, member = google_service_account.socket.member }
-    "socket-ai-requests"    = { topic = local.topology.topics.ai_requests, member = google_service_account.socket.member }
-    "upload-chat-events"    = { topic = local.topology.topics.chat_events, member = google_service_account.upload.member }
-    "ai-stream-chat-events" = { topic = local.topology.topics.chat_events, member = google_service_account.ai_stream.member }
+    "socket-chat-events"        = { topic = local.topology.topics.chat_events, member = google_service_account.socket.member }
+    "socket-ai-requests"        = { topic = local.topology.topics.ai_requests, member = google_service_account.socket.member }
+    "upload-function-events"    = { topic = local.topology.topics.function_events, member = google_service_account.upload.member }
+    "ai-stream-function-events" = { topic = local.topology.topics.function_events, member = google_service_account.ai_stream.member }
   }
 
   project = var.project_id
@@ -71,20 +79,22 @@ resource "google_pubsub_topic_iam_member" "publishers" {
   member  = each.value.member
 }
 
-# The socket service's per-instance subscriptions on chat-events.
+# The socket service's per-instance subscriptions on chat-events and chat-events-functions.
 #
-# Each instance creates `chat-events-instance-<host id>` at start-up, pulls
-# from it, and deletes it on SIGTERM (chatcore/pubsub_transport.py). Creating
-# a subscription takes pubsub.subscriptions.create on the project plus
+# Each instance creates `chat-events-instance-<host id>` and
+# `chat-events-functions-instance-<host id>` at start-up, pulls from them, and
+# deletes them on SIGTERM (chatcore/pubsub_transport.py). Creating a
+# subscription takes pubsub.subscriptions.create on the project plus
 # pubsub.topics.attachSubscription on the topic; pulling and deleting take
 # consume and delete on the subscription, whose name is not known before it
 # exists, so those are granted on the project too.
 #
 # roles/pubsub.editor would also allow creating, changing and deleting topics
 # and snapshots, seeking, and changing any subscription's configuration. So:
-#   - roles/pubsub.subscriber on the chat-events TOPIC only: the topic-level
-#     permission it grants is topics.attachSubscription, so the service can
-#     attach subscriptions to chat-events and to no other topic;
+#   - roles/pubsub.subscriber on the chat-events and chat-events-functions
+#     TOPICS only: the topic-level permission it grants is
+#     topics.attachSubscription, so the service can attach subscriptions to
+#     those two topics and to no other;
 #   - roles/pubsub.viewer on the chat-events topic: topics.get, used by /readyz;
 #   - a custom project role with exactly subscriptions.create, .get, .consume
 #     and .delete (no update, no topic or snapshot permissions).
@@ -96,8 +106,8 @@ resource "google_pubsub_topic_iam_member" "publishers" {
 resource "google_project_iam_custom_role" "instance_subscriptions" {
   project     = var.project_id
   role_id     = "chatInstanceSubscriptions"
-  title       = "Chat socket service: its own chat-events subscriptions"
-  description = "Create, read, pull from and delete the per-instance subscriptions of the socket service (attaching them needs topics.attachSubscription on chat-events, granted on that topic only)."
+  title       = "Chat socket service: its own room-bus subscriptions"
+  description = "Create, read, pull from and delete the per-instance subscriptions of the socket service (attaching them needs topics.attachSubscription, granted on chat-events and chat-events-functions only)."
   permissions = [
     "pubsub.subscriptions.consume",
     "pubsub.subscriptions.create",
@@ -119,6 +129,13 @@ resource "google_pubsub_topic_iam_member" "socket_attach_chat_events" {
   member  = google_service_account.socket.member
 }
 
+resource "google_pubsub_topic_iam_member" "socket_attach_function_events" {
+  project = var.project_id
+  topic   = google_pubsub_topic.topics[local.topology.topics.function_events].name
+  role    = "roles/pubsub.subscriber"
+  member  = google_service_account.socket.member
+}
+
 resource "google_pubsub_topic_iam_member" "socket_view_chat_events" {
   project = var.project_id
   topic   = google_pubsub_topic.topics[local.topology.topics.chat_events].name
@@ -131,11 +148,27 @@ resource "google_pubsub_topic_iam_member" "socket_view_chat_events" {
 # PUT URLs need create, the socket service's download URLs need get; the
 # socket service deletes a conversation's objects; on_upload_finalized reads
 # and deletes refused objects; ai_stream reads files for the prompt.
+#
+# The socket service only reads and deletes: it signs GET URLs (objects.get),
+# and deleting a conversation lists its prefix and deletes each object
+# (objects.list, objects.delete; chatcore/uploads.delete_conversation_objects).
+# It never creates or overwrites an object, so it gets objectViewer plus a
+# custom role with objects.delete alone (no predefined role grants delete
+# without create), not objectUser.
+resource "google_project_iam_custom_role" "uploads_object_delete" {
+  project     = var.project_id
+  role_id     = "chatUploadsObjectDelete"
+  title       = "Chat socket service: delete uploaded files"
+  description = "Delete objects of the uploads bucket (granted on that bucket only), for conversation deletion; reading comes from roles/storage.objectViewer."
+  permissions = ["storage.objects.delete"]
+}
+
 resource "google_storage_bucket_iam_member" "uploads" {
   for_each = {
-    socket    = { role = "roles/storage.objectUser", member = google_service_account.socket.member }
-    upload    = { role = "roles/storage.objectUser", member = google_service_account.upload.member }
-    ai_stream = { role = "roles/storage.objectViewer", member = google_service_account.ai_stream.member }
+    socket        = { role = "roles/storage.objectViewer", member = google_service_account.socket.member }
+    socket_delete = { role = google_project_iam_custom_role.uploads_object_delete.name, member = google_service_account.socket.member }
+    upload        = { role = "roles/storage.objectUser", member = google_service_account.upload.member }
+    ai_stream     = { role = "roles/storage.objectViewer", member = google_service_account.ai_stream.member }
   }
 
   bucket = google_storage_bucket.uploads.name

@@ -1,9 +1,12 @@
 # Topics and subscriptions, all named by chatcore/topology.json.
 #
-# chat-events (the room bus) has no static subscription: each socket-service
-# instance creates its own at start-up (ordering on, a filter that drops its
-# own messages, an expiration policy) and deletes it on SIGTERM; see iam.tf
-# for the permissions that takes. ai-requests and gcs-uploads feed the
+# chat-events (the instances' room bus) and chat-events-functions (the
+# functions' emits to rooms) have no static subscription: each socket-service
+# instance creates one on each at start-up (ordering on, an expiration policy,
+# on chat-events a filter that drops its own messages) and deletes them on
+# SIGTERM; see iam.tf for the permissions that takes, and for who may publish
+# on which (only the socket service on chat-events, only the functions on
+# chat-events-functions). ai-requests and gcs-uploads feed the
 # functions through push subscriptions defined here (not Eventarc triggers,
 # whose subscriptions Terraform cannot configure), exactly as the local stack
 # does with the emulator (devstack/stack.py).

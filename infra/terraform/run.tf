@@ -82,8 +82,9 @@ resource "google_cloud_run_v2_service" "socket" {
           cpu    = var.socket_cpu
           memory = var.socket_memory
         }
-        # CPU always allocated: the instance's subscription on chat-events
-        # keeps pulling between requests, and the stale-reply sweeper runs.
+        # CPU always allocated: the instance's subscriptions on chat-events and
+        # chat-events-functions keep pulling between requests, and the
+        # stale-reply sweeper runs.
         cpu_idle          = false
         startup_cpu_boost = true
       }
@@ -139,5 +140,6 @@ resource "google_cloud_run_v2_service" "socket" {
     google_secret_manager_secret_iam_member.jwt_reader,
     google_project_iam_member.socket_instance_subscriptions,
     google_pubsub_topic_iam_member.socket_attach_chat_events,
+    google_pubsub_topic_iam_member.socket_attach_function_events,
   ]
 }

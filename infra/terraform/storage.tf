@@ -46,6 +46,19 @@ resource "google_storage_bucket" "uploads" {
     }
   }
 
+  # Uploads are not kept for ever: files older than the retention period go
+  # (their messages stay, naming the file). The upload functions count each
+  # user's storage quota over the same days (UPLOAD_RETENTION_DAYS).
+  lifecycle_rule {
+    condition {
+      age            = var.upload_retention_days
+      matches_prefix = ["${local.uploads_layout.object_prefix}/"]
+    }
+    action {
+      type = "Delete"
+    }
+  }
+
   soft_delete_policy {
     retention_duration_seconds = 604800
   }

@@ -431,3 +431,43 @@ variable "alert_emails" {
     error_message = "alert_emails must be e-mail addresses."
   }
 }
+
+# -- cost and endpoint limits (security review, issue 13) ---------------------
+variable "upload_retention_days" {
+  type        = number
+  description = "Uploaded files older than this many days are deleted by the uploads bucket's lifecycle rule; the upload functions count each user's storage quota over the same days (UPLOAD_RETENTION_DAYS)."
+  default     = 90
+
+  validation {
+    condition     = var.upload_retention_days >= 1
+    error_message = "upload_retention_days must be at least 1."
+  }
+}
+
+variable "upload_user_quota_bytes" {
+  type        = number
+  description = "UPLOAD_USER_QUOTA_BYTES: bytes one user's files may take over the retention period (0 = no quota); null keeps the application default (1 GiB)."
+  default     = null
+
+  validation {
+    condition     = var.upload_user_quota_bytes == null || coalesce(var.upload_user_quota_bytes, 0) >= 0
+    error_message = "upload_user_quota_bytes must be 0 or more."
+  }
+}
+
+variable "ai_global_tokens_per_hour" {
+  type        = number
+  description = "AI_GLOBAL_TOKENS_PER_HOUR: estimated model tokens all replies together may use per hour; once spent, new replies end at once with `unavailable` until the hour rolls (0 = no budget); null keeps the application default (0)."
+  default     = null
+
+  validation {
+    condition     = var.ai_global_tokens_per_hour == null || coalesce(var.ai_global_tokens_per_hour, 0) >= 0
+    error_message = "ai_global_tokens_per_hour must be 0 or more."
+  }
+}
+
+variable "openai_allowed_hosts" {
+  type        = list(string)
+  description = "OPENAI_ALLOWED_HOSTS: the hosts OPENAI_BASE_URL may name (https only, enforced when CHAT_ENV=production); empty keeps the application default (api.openai.com)."
+  default     = []
+}

@@ -4,7 +4,11 @@
 "use strict";
 
 (function () {
-  const $ = (id) => document.getElementById(id);
+  // The page's own elements, looked up once, at start-up (the script is
+  // deferred: the page is parsed). Nothing rendered later, such as a reply's
+  // Markdown, can take the place of one by carrying its id (issue 13, finding 1).
+  const ELEMENTS = new Map(Array.from(document.querySelectorAll("[id]"), (node) => [node.id, node]));
+  const $ = (id) => ELEMENTS.get(id);
   const TOKEN_KEY = "chat.token";
   const CONV_KEY = "chat.conversation";
   const TYPING_SEND_MS = 2000;   // at most one typing=true per 2 s
@@ -100,17 +104,65 @@
     return data;
   }
 
-  // Markdown for assistant replies: marked, then DOMPurify, so no script or
-  // event handler from a reply (or a quoted user message) ever reaches the DOM.
+  // Markdown for assistant replies: marked, then DOMPurify with allow-lists
+  // (issue 13, findings 1 and 2). A reply is written by a model that may
+  // follow instructions hidden in a file, and every participant sees it:
+  // - only the tags Markdown makes: no script, style, form control or button;
+  // - only these attributes: no id or name (which could stand in for an
+  //   element of the page), no class, style, data-* or aria-*;
+  // - images become links, so showing a reply fetches nothing from anywhere
+  //   (an image URL could carry conversation text to a stranger's server).
+  const MARKDOWN = {
+    ALLOWED_TAGS: ["a", "p", "br", "hr", "h1", "h2", "h3", "h4", "h5", "h6", "strong", "em", "del", "s", "code", "pre",
+      "blockquote", "ul", "ol", "li", "table", "thead", "tbody", "tr", "th", "td", "sup", "sub",
+      "img"],  // only to be turned into a link below
+    ALLOWED_ATTR: ["href", "title", "alt", "src", "start", "align"],
+    ALLOW_DATA_ATTR: false,
+    ALLOW_ARIA_ATTR: false,
+    RETURN_DOM_FRAGMENT: true,  // in DOMPurify's own inert document: an <img> there loads nothing
+  };
   window.DOMPurify && DOMPurify.addHook("afterSanitizeAttributes", (node) => {
     if (node.tagName === "A") { node.setAttribute("rel", "noopener noreferrer"); node.setAttribute("target", "_blank"); }
   });
+
+  function imageAsLink(img) {
+    const url = safeUrl(img.getAttribute("src") || "");
+    const label = "Image: " + (img.getAttribute("alt") || url || "(no address)");
+    const link = img.ownerDocument.createElement(url ? "a" : "span");
+    link.textContent = label;
+    if (url) {
+      link.setAttribute("href", url);
+      link.setAttribute("title", url);  // where it leads, before anyone clicks
+      link.setAttribute("rel", "noopener noreferrer");
+      link.setAttribute("target", "_blank");
+    }
+    return link;
+  }
+
   function renderMarkdown(target, text) {
     const html = marked.parse(text || "", { gfm: true, breaks: true, async: false });
-    target.innerHTML = DOMPurify.sanitize(html, { USE_PROFILE: { html: true }, FORBID_TAGS: ["style", "form", "input"] });
+    const fragment = DOMPurify.sanitize(html, MARKDOWN);
+    for (const img of fragment.querySelectorAll("img")) img.replaceWith(imageAsLink(img));
+    target.replaceChildren(fragment);  // into the page only now, without images
   }
 
   // ---------------------------------------------------------------- sign-in
+  // Where a token may come from (issue 13, finding 6: a link could sign a
+  // victim into an attacker's account, whose conversations then get what the
+  // victim types and uploads):
+  // - dev mode: the sign-in form, or #token=<JWT> in the address (tests and
+  //   local tools open the page signed in this way);
+  // - jwt mode, not in a frame: a token the user pastes into the sign-in form
+  //   (their own act; a link cannot fill it in);
+  // - any mode: postMessage({type: "chat-token", token}) from the parent
+  //   window, if its origin is in TOKEN_PARENT_ORIGINS (named by the server in
+  //   <meta name="chat-token-origins">; 'self' is this page's own origin).
+  // In jwt mode a token in the address is dropped. A token for another user
+  // than the one signed in replaces the session only if the user says so.
+  const TOKEN_PARENT_ORIGINS = (document.querySelector('meta[name="chat-token-origins"]')?.content || "")
+    .split(/\s+/).filter(Boolean).map((o) => (o === "'self'" ? location.origin : o));
+  const IGNORED_LINK = "A sign-in link was ignored: sign in by pasting your own token, or from the application this chat is embedded in.";
+
   function takeFragmentToken() {
     // #token=... is read once and removed from the address bar and history.
     const hash = location.hash.startsWith("#") ? location.hash.slice(1) : "";
@@ -124,6 +176,15 @@
     return token;
   }
 
+  // The claims of a token that can be read and has not expired, else null.
+  function liveClaims(token) {
+    const claims = token ? decodeJwt(token) : null;
+    return claims && claims.sub && (!claims.exp || claims.exp * 1000 > Date.now()) ? claims : null;
+  }
+
+  function userOf(claims) { return { id: claims.sub, name: claims.name || claims.sub }; }
+  function userLabel(user) { return user.name + " (" + user.id + ")"; }
+
   function setToken(token) {
     const claims = decodeJwt(token);
     if (!claims || !claims.sub) {
@@ -131,9 +192,41 @@
       return false;
     }
     state.token = token;
-    state.me = { id: claims.sub, name: claims.name || claims.sub };
+    state.me = userOf(claims);
     sessionStorage.setItem(TOKEN_KEY, token);
     return true;
+  }
+
+  // Resolves true once the user chooses to leave the current session for `next`.
+  function askToSwitch(next) {
+    const dialog = $("switch-user");
+    if (dialog.open) return Promise.resolve(false);  // one question at a time: a second offer is declined
+    $("switch-user-text").textContent = "This page was handed a sign-in for " + userLabel(next) + ", but you are signed in as "
+      + userLabel(state.me) + ". Switch only if you asked for it: what you write would then go to that account.";
+    $("switch-stay").textContent = "Stay signed in as " + userLabel(state.me);
+    $("switch-go").textContent = "Switch to " + userLabel(next);
+    dialog.returnValue = "";  // Escape closes with "": stay
+    dialog.showModal();
+    return new Promise((resolve) => dialog.addEventListener("close", () => resolve(dialog.returnValue === "switch"), { once: true }));
+  }
+
+  // Offers `token` to this tab. The signed-in user's own fresh token (a
+  // refresh) is taken at once; another user's only if the user agrees, and
+  // then the page reloads as that user, with nothing of the old session left.
+  async function offerToken(token) {
+    const claims = liveClaims(token);
+    if (!claims) { $("signin-error").textContent = "That token cannot be read."; return; }
+    if (state.me && claims.sub !== state.me.id) {
+      if (!(await askToSwitch(userOf(claims)))) return;
+      sessionStorage.setItem(TOKEN_KEY, token);
+      sessionStorage.removeItem(CONV_KEY);
+      location.reload();
+      return;
+    }
+    const first = !state.token;
+    setToken(token);
+    if (first) start();
+    else if (state.socket && !state.socket.connected) state.socket.connect();
   }
 
   function showSignIn(message) {
@@ -142,10 +235,13 @@
     $("me").hidden = true;
     $("sign-out").hidden = true;
     const dev = state.config && state.config.auth_mode === "dev";
+    const embedded = window.parent !== window;
     $("signin-form").hidden = !dev;
-    $("signin-wait").hidden = dev;
+    $("signin-wait").hidden = dev || !embedded;
+    $("signin-token-form").hidden = dev || embedded;
     $("signin-error").textContent = message || "";
     if (dev) $("signin-name").focus();
+    else if (!embedded) $("signin-token").focus();
     setConn("idle", "Signed out");
   }
 
@@ -167,7 +263,7 @@
   }
 
   async function start() {
-    $("me").textContent = state.me.name + " (" + state.me.id + ")";
+    $("me").textContent = userLabel(state.me);
     $("me").hidden = false;
     $("sign-out").hidden = false;
     $("signin").hidden = true;
@@ -770,6 +866,13 @@
         $("signin-error").textContent = "Sign-in failed: " + e.message;
       }
     });
+    // jwt mode outside a frame: a token the user pastes themselves.
+    $("signin-token-form").addEventListener("submit", (ev) => {
+      ev.preventDefault();
+      const token = $("signin-token").value.trim();
+      $("signin-token").value = "";
+      offerToken(token);
+    });
     $("sign-out").addEventListener("click", signOut);
     $("new-conv-form").addEventListener("submit", async (ev) => {
       ev.preventDefault();
@@ -837,17 +940,19 @@
     $("messages").addEventListener("scroll", () => { if ($("messages").scrollTop < 80) loadOlder(); });
     window.addEventListener("online", () => { if (state.socket && !state.socket.connected) state.socket.connect(); });
     window.addEventListener("offline", () => setConn("reconnecting", "Offline; waiting for the network…"));
-    // A token from the embedding application (jwt mode), e.g.
+    $("switch-stay").addEventListener("click", () => $("switch-user").close("stay"));
+    $("switch-go").addEventListener("click", () => $("switch-user").close("switch"));
+    // A token from the embedding application, e.g.
     // iframe.contentWindow.postMessage({type: "chat-token", token}, chatOrigin).
     window.addEventListener("message", (ev) => {
       if (ev.source !== window.parent || window.parent === window) return;
       const d = ev.data;
       if (!d || d.type !== "chat-token" || typeof d.token !== "string") return;
-      const first = !state.token;
-      if (setToken(d.token)) {
-        if (first) start();
-        else if (state.socket && !state.socket.connected) state.socket.connect();
+      if (!TOKEN_PARENT_ORIGINS.includes(ev.origin)) {
+        console.warn("chat: ignored a token posted by " + ev.origin + ", which is not in TOKEN_PARENT_ORIGINS");
+        return;
       }
+      offerToken(d.token);
     });
   }
 
@@ -870,15 +975,16 @@
     provider.hidden = false;
     provider.textContent = state.config.ai_provider === "offline"
       ? "AI: offline stand-in (local, not a model)" : "AI: " + state.config.ai_provider;
-    const token = takeFragmentToken() || sessionStorage.getItem(TOKEN_KEY);
-    const claims = token && decodeJwt(token);
-    if (token && claims && (!claims.exp || claims.exp * 1000 > Date.now()) && setToken(token)) {
-      start();
-      return;
-    }
-    sessionStorage.removeItem(TOKEN_KEY);
-    showSignIn();
-    if (state.config.auth_mode !== "dev" && window.parent !== window) window.parent.postMessage({ type: "chat-ready" }, "*");
+    const dev = state.config.auth_mode === "dev";
+    const linked = takeFragmentToken();  // always taken out of the address bar, even when not used
+    const stored = sessionStorage.getItem(TOKEN_KEY);
+    if (liveClaims(stored) && setToken(stored)) start();
+    else sessionStorage.removeItem(TOKEN_KEY);
+    if (linked && dev) await offerToken(linked);  // asks first if it is someone else's
+    const ignored = linked && !dev ? IGNORED_LINK : "";
+    if (state.token) { if (ignored) notice(ignored, true); return; }
+    showSignIn(ignored);
+    if (!dev && window.parent !== window) window.parent.postMessage({ type: "chat-ready" }, "*");
   }
 
   main();

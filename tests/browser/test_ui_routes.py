@@ -12,7 +12,8 @@ from socket_service.headers import content_security_policy
 from socket_service.ui import UI_DIR, add_ui_routes
 
 SETTINGS = SimpleNamespace(upload_url="http://127.0.0.1:8081/", signing=SimpleNamespace(endpoint="http://127.0.0.1:4443"),
-                           frame_ancestors=("'self'", "https://app.example.com"))
+                           frame_ancestors=("'self'", "https://app.example.com"), uploads_bucket="chat-uploads",
+                           token_parent_origins=("'self'",))
 
 
 @pytest.fixture
@@ -27,7 +28,7 @@ async def test_the_page_and_its_files_carry_strict_headers(client):
     r = await client.get("/")
     assert r.status == 200 and r.headers["Content-Type"] == "text/html; charset=utf-8"
     assert r.headers["Content-Security-Policy"] == content_security_policy(
-        "http://127.0.0.1:8081/", "http://127.0.0.1:4443", ("'self'", "https://app.example.com"))
+        "http://127.0.0.1:8081/", "http://127.0.0.1:4443", ("'self'", "https://app.example.com"), "chat-uploads")
     assert r.headers["X-Content-Type-Options"] == "nosniff"
     html = await r.text()
     assert "<script>" not in html and "http" not in html.split("<body>")[0]  # no inline script, no CDN
@@ -40,10 +41,12 @@ async def test_the_page_and_its_files_carry_strict_headers(client):
 
 def test_the_policy_allows_only_what_the_page_needs():
     csp = dict(part.split(" ", 1) for part in content_security_policy(
-        "http://127.0.0.1:8081/upload", "https://storage.googleapis.com", ("'self'", "https://app.example.com")).split("; "))
+        "http://127.0.0.1:8081/upload", "https://storage.googleapis.com", ("'self'", "https://app.example.com"),
+        "chat-uploads").split("; "))
     assert csp["default-src"] == "'none'" and csp["script-src"] == "'self'" and csp["style-src"] == "'self'"
     assert csp["connect-src"] == "'self' http://127.0.0.1:8081 https://storage.googleapis.com"
-    assert csp["img-src"] == "'self' blob: data: https://storage.googleapis.com"
+    # Images: our bucket's folder only, not the whole storage host (which serves anyone's bucket).
+    assert csp["img-src"] == "'self' https://storage.googleapis.com/chat-uploads/"
     assert csp["frame-ancestors"] == "'self' https://app.example.com"
 
 

@@ -217,17 +217,18 @@ async def test_a_reply_failed_by_the_sweeper_stays_failed_and_its_worker_stops(s
         outcome = await handling
 
         # Everything the worker emitted has reached the room once this later emit of its own has
-        # (one publisher, one room: one ordering key).
+        # (one publisher, one room: one ordering key). The barrier must be an event the function
+        # bus lets through (FUNCTION_EMITS), so it is a file_uploaded carrying the reply's id.
         async def sentinel():
-            rt.generator.bus.emit("review_sentinel", {"message_id": reply_id},
+            rt.generator.bus.emit(protocol.FILE_UPLOADED, {"message_id": reply_id, "barrier": True},
                                   room=protocol.conversation_room(conv))
             await asyncio.to_thread(rt.generator.bus.flush, 10)
 
         await asyncio.to_thread(rt.runner.run, sentinel(), 30)
-        await client.wait_for("review_sentinel", lambda e: e["message_id"] == reply_id)
+        await client.wait_for(protocol.FILE_UPLOADED, lambda e: e.get("barrier") and e["message_id"] == reply_id)
         events = _events_of(client, reply_id)
         after_error = events[events.index("ai_response_error") + 1:]
-        assert after_error == ["review_sentinel"], f"after the error the room got {after_error}"
+        assert after_error == [protocol.FILE_UPLOADED], f"after the error the room got {after_error}"
         stored = _reply_doc(firestore_db, conv, reply_id).get().to_dict()
         assert stored["status"] == protocol.FAILED and stored["error"]["code"] == "unavailable", stored
         assert outcome == "superseded", outcome

@@ -144,10 +144,11 @@ def test_socket_service_may_manage_only_subscriptions(tf):
                                            "pubsub.subscriptions.delete", "pubsub.subscriptions.get"]
     binding = tf.resource("google_project_iam_member", "socket_instance_subscriptions")
     assert binding["member"] == "${google_service_account.socket.member}"
-    # Attaching subscriptions: on the chat-events topic only.
-    attach = tf.resource("google_pubsub_topic_iam_member", "socket_attach_chat_events")
-    assert attach["topic"] == "${google_pubsub_topic.topics[local.topology.topics.chat_events].name}"
-    assert attach["role"] == "roles/pubsub.subscriber"
+    # Attaching subscriptions: on the two room-bus topics only (test_bus_grants.py).
+    for name, key in (("socket_attach_chat_events", "chat_events"), ("socket_attach_function_events", "function_events")):
+        attach = tf.resource("google_pubsub_topic_iam_member", name)
+        assert attach["topic"] == f"${{google_pubsub_topic.topics[local.topology.topics.{key}].name}}"
+        assert attach["role"] == "roles/pubsub.subscriber"
 
 
 def test_ai_function_may_call_vertex_ai(tf):

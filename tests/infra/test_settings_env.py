@@ -58,6 +58,10 @@ DEFAULT_IN_PRODUCTION = {
         "UPLOAD_STALL_SECONDS": "application default (30 s)",
         "GC_TUNING": "on by default",
         "JWT_SECRET": "set from Secret Manager when an HS* algorithm is allowed (secret env map)",
+        "AUTH_TIMEOUT_SECONDS": "application default (5 s)",
+        "MAX_CONNECTIONS_PER_USER": "application default (20)",
+        "HTTP_REQUESTS_PER_SECOND": "application default", "HTTP_REQUEST_BURST": "application default",
+        "TOKEN_PARENT_ORIGINS": "defaults to FRAME_ANCESTORS (var.frame_ancestors), the only possible parents",
     },
     "upload": {
         "FIRESTORE_EMULATOR_HOST": EMULATORS, "PUBSUB_EMULATOR_HOST": EMULATORS, "STORAGE_EMULATOR_HOST": EMULATORS,

@@ -32,6 +32,7 @@ def _topology_names(raw: dict) -> set[str]:
     names = set(raw["topics"].values()) | set(raw["buckets"].values())
     names |= {s["name"] for s in raw["push_subscriptions"] + raw["pull_subscriptions"]}
     names.add(raw["instance_subscription"]["name_prefix"])
+    names.add(raw["instance_subscription"]["function_events_name_prefix"])
     return names
 
 
@@ -60,14 +61,15 @@ def test_every_topology_topic_is_created_and_only_those(tf):
     assert topics["topics"]["name"] == "${each.value}"
 
 
-def test_chat_events_has_no_static_subscription(tf, topology_raw):
-    """Each socket-service instance creates its own; a static one would pile up unread messages."""
-    chat_events = topology_raw["topics"]["chat_events"]
+def test_the_room_bus_topics_have_no_static_subscription(tf, topology_raw):
+    """Each socket-service instance creates its own on each; a static one would pile up unread messages."""
+    bus_topics = {topology_raw["topics"][key] for key in ("chat_events", "function_events")}
     subscribed = {s["topic"] for s in topology_raw["push_subscriptions"] + topology_raw["pull_subscriptions"]}
-    assert chat_events not in subscribed
-    assert topology_raw["instance_subscription"]["topic"] == chat_events
+    assert bus_topics.isdisjoint(subscribed)
+    template = topology_raw["instance_subscription"]
+    assert {template["topic"], template["function_events_topic"]} == bus_topics
     for name, body in tf.resources_of("google_pubsub_subscription").items():
-        assert "chat_events" not in body["topic"], name
+        assert "chat_events" not in body["topic"] and "function_events" not in body["topic"], name
 
 
 def test_push_subscriptions_match_the_local_stack(tf, topology_raw):

@@ -43,7 +43,7 @@ EMITTER = textwrap.dedent("""
     from chatcore.pubsub_manager import GooglePubSubManager
 
     project, room, count = sys.argv[1], sys.argv[2], int(sys.argv[3])
-    bus = GooglePubSubManager(project, topology.load().chat_events_topic, write_only=True)
+    bus = GooglePubSubManager(project, topology.load().function_events_topic, write_only=True)
     for seq in range(1, count + 1):
         bus.emit("ai_response_chunk", {"conversation_id": room[5:], "message_id": "m1", "seq": seq,
                                        "chunk": f"<{seq}>"}, room=room)

@@ -208,7 +208,7 @@ async def test_refused_api_key_is_reported_without_the_key(server, make_provider
     assert pieces == []
     assert error.code == "internal"
     assert "API_KEY_INVALID" in error.message
-    assert KEY not in error.message and KEY not in str(error)
+    assert KEY not in error.message and KEY not in str(error) and KEY not in error.detail
 
 
 async def test_refused_vertex_token_is_internal(server, make_provider):
@@ -223,7 +223,7 @@ async def test_refused_vertex_token_is_internal(server, make_provider):
 async def test_errors_never_carry_the_api_key(server, make_provider, mode):
     server.configure(mode=mode)
     _, error = await collect_until_error(make_provider("gemini"), [Turn("user", "hi")])
-    assert KEY not in error.message and KEY not in str(error)
+    assert KEY not in error.message and KEY not in str(error) and KEY not in error.detail
     assert server.requests[0].header("x-goog-api-key") == KEY
 
 
@@ -234,7 +234,7 @@ async def test_http_500_is_unavailable_and_not_retried(server, make_provider, fl
     pieces, error = await collect_until_error(make_provider(flavour), [Turn("user", "hi")])
     assert pieces == []
     assert error.code == "unavailable"
-    assert "HTTP 500" in error.message and "An internal error has occurred" in error.message
+    assert "HTTP 500" in error.message and "An internal error has occurred" in error.detail  # logged, never shown
     assert len(server.requests) == 1  # retrying is the caller's decision, not the SDK's
 
 
@@ -253,7 +253,7 @@ async def test_error_event_mid_stream_raises_after_the_first_piece(server, make_
     pieces, error = await collect_until_error(make_provider(), [Turn("user", "hi")])
     assert pieces == ["Hello"]
     assert error.code == "unavailable"
-    assert "The model is overloaded" in error.message
+    assert "The model is overloaded" in error.detail
 
 
 async def test_connection_dropped_mid_stream_raises_without_asking_again(server, make_provider):

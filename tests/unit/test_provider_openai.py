@@ -174,7 +174,7 @@ async def test_refused_key_is_reported_without_the_key(server, make_provider):
 async def test_errors_never_carry_the_api_key(server, make_provider, mode):
     server.configure(mode=mode)
     _, error = await collect_until_error(make_provider(api_key=KEY), [Turn("user", "hi")])
-    assert KEY not in error.message and KEY not in str(error)
+    assert KEY not in error.message and KEY not in str(error) and KEY not in error.detail
     assert server.requests[0].header("Authorization") == f"Bearer {KEY}"
 
 
@@ -184,7 +184,7 @@ async def test_http_500_is_unavailable(server, make_provider):
     pieces, error = await collect_until_error(make_provider(), [Turn("user", "hi")])
     assert pieces == []
     assert error.code == "unavailable"
-    assert "HTTP 500" in error.message and "The server had an error" in error.message
+    assert "HTTP 500" in error.message and "The server had an error" in error.detail  # logged, never shown
 
 
 async def test_http_429_is_rate_limited(server, make_provider):
@@ -192,7 +192,7 @@ async def test_http_429_is_rate_limited(server, make_provider):
     pieces, error = await collect_until_error(make_provider(), [Turn("user", "hi")])
     assert pieces == []
     assert error.code == "rate_limited"
-    assert "HTTP 429" in error.message and "Rate limit reached" in error.message
+    assert "HTTP 429" in error.message and "Rate limit reached" in error.detail
 
 
 async def test_error_event_mid_stream_raises_after_the_first_piece(server, make_provider):
@@ -200,7 +200,7 @@ async def test_error_event_mid_stream_raises_after_the_first_piece(server, make_
     pieces, error = await collect_until_error(make_provider(), [Turn("user", "hi")])
     assert pieces == ["Hello"]
     assert error.code == "unavailable"
-    assert "The server had an error while processing your request" in error.message
+    assert "The server had an error while processing your request" in error.detail
 
 
 async def test_connection_dropped_mid_stream_raises(server, make_provider):

@@ -31,6 +31,7 @@ from chatcore.errors import ChatError, TooLarge
 from chatcore.replies import ReplyState, ReplyStore
 from chatcore.store import Message
 
+from .budget import GlobalBudget, estimate_tokens
 from .coalescer import ChunkCoalescer
 from .prompt import FileReader, build_turns, history_budget, message_chars, prompt_size, with_left_out_note
 from .providers import Provider, ProviderError, Turn
@@ -65,8 +66,9 @@ class ReplyGenerator:
     """Shared by all requests of a function instance; one ``handle`` call per AI request."""
 
     def __init__(self, settings: Settings, replies: ReplyStore, bus, provider: Provider,
-                 files: FileReader | None, worker_id: str):
+                 files: FileReader | None, worker_id: str, budget: GlobalBudget | None = None):
         self.settings = settings
+        self.budget = budget or GlobalBudget(None, 0)  # none: no global budget
         self.replies = replies
         self.bus = bus  # write-only GooglePubSubManager
         self.provider = provider
@@ -132,6 +134,9 @@ class _ReplyRun:
         self.gone = False  # the conversation was deleted while the reply streamed
         self.coalescer = ChunkCoalescer(self.settings.chunk_interval_ms / 1000, self.settings.chunk_max_chars)
         self.system = self.settings.system_prompt  # with a note on the history left out, once the prompt is built
+        # What the built prompt holds, charged to the global budget with the reply at the end.
+        self.prompt_chars = 0
+        self.prompt_images = 0
         self.poll_seconds = self.settings.stop_poll_interval_ms / 1000
         # When the reply was last known to be this worker's (the claim, then every poll of the watcher).
         self.held_confirmed_at = asyncio.get_running_loop().time()
@@ -145,6 +150,7 @@ class _ReplyRun:
         # Watched from the claim on: its heartbeat keeps the claim while the prompt is built, too.
         watcher = asyncio.create_task(self._watch(signals))
         try:
+            await self.gen.budget.check()  # spent: the reply ends at once, with `unavailable`
             turns = await self._prompt()
             status, error = await self._stream(turns, signals)
         except ChatError as err:
@@ -154,6 +160,9 @@ class _ReplyRun:
             error = {"code": "internal", "message": "the reply failed; please retry"}
         finally:
             await _cancel(watcher)
+            if self.prompt_chars:  # the prompt went to the model: billed whatever the outcome
+                self.gen.budget.charge(estimate_tokens(self.prompt_chars + len(self.progress.content),
+                                                       self.prompt_images))
         if self.gone:
             return await self._discard()
         if status == SUPERSEDED:
@@ -199,8 +208,11 @@ class _ReplyRun:
                                                  cost=lambda message: message_chars(message, files))
         self.system = with_left_out_note(self.settings.system_prompt, history.left_out)
         turns = await build_turns(history.messages, files, self.gen.provider.supports_images)
-        if prompt_size(turns, self.system) > self.settings.prompt_max_chars:
+        size = prompt_size(turns, self.system)
+        if size > self.settings.prompt_max_chars:
             raise TooLarge(f"the prompt is larger than {self.settings.prompt_max_chars} characters")
+        self.prompt_chars = size
+        self.prompt_images = sum(a.data is not None for t in turns for a in t.attachments)
         return turns
 
     # -- streaming ---------------------------------------------------------
@@ -252,7 +264,9 @@ class _ReplyRun:
         await self._flush_rest()
         if item is _END:
             return protocol.COMPLETE, None
-        logger.warning("provider %s failed for %s: %s", self.gen.provider.name, self.reply.id, item.message)
+        # The endpoint's own words are for the logs only (ProviderError.detail); the room gets ours.
+        logger.warning("provider %s failed for %s: %s%s", self.gen.provider.name, self.reply.id, item.message,
+                       f"; the endpoint said: {item.detail}" if item.detail else "")
         return protocol.FAILED, {"code": item.code, "message": item.message}
 
     async def _produce(self, turns: list[Turn], signals: _Signals) -> None:

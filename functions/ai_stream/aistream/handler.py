@@ -24,6 +24,7 @@ from chatcore.pubsub_manager import GooglePubSubManager
 from chatcore.replies import ReplyStore
 from chatcore.store import ChatStore
 
+from .budget import BudgetStore, GlobalBudget
 from .generation import ReplyGenerator
 from .prompt import FileReader
 from .providers import create_provider
@@ -51,13 +52,14 @@ def build_runtime(settings: Settings, *, firestore_client=None, publisher=None, 
     db = firestore_client or firestore.AsyncClient(project=settings.gcp.project_id,
                                                    database=settings.gcp.firestore_database)
     # Every emit comes from the runner's loop: its RPCs are made there too, without sender threads.
-    bus = GooglePubSubManager(settings.gcp.project_id, topology.load().chat_events_topic, write_only=True,
+    bus = GooglePubSubManager(settings.gcp.project_id, topology.load().function_events_topic, write_only=True,
                               publisher=publisher or AsyncPublisher(runner.loop))
     storage_client = storage_client or storage.Client(project=settings.gcp.project_id)
     files = FileReader(storage_client, settings.uploads_bucket, settings.file_text_max_chars,
                        settings.image_max_bytes)
     generator = ReplyGenerator(settings, ReplyStore(ChatStore(db)), bus, provider or create_provider(settings),
-                               files, worker_id=uuid.uuid4().hex)
+                               files, worker_id=uuid.uuid4().hex,
+                               budget=GlobalBudget(BudgetStore(db), settings.global_tokens_per_hour))
     return Runtime(settings, runner, generator)
 
 

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 
 from chatcore import protocol
 from chatcore.store import Message
+from chatcore.uploads import read_object_head
 
 from .providers import Attachment, Turn
 from .settings import Settings
@@ -27,15 +28,13 @@ from .settings import Settings
 logger = logging.getLogger(__name__)
 
 TEXT_TYPES = ("text/", "application/json")
-
-
-TEXT_TYPES = ("text/", "application/json")
 # Characters of PROMPT_MAX_CHARS kept for the note on what was left out.
 NOTE_RESERVE = 200
 
 
 class FileReader:
-    """Reads conversation files from Cloud Storage, bounded in size.
+    """Reads conversation files from Cloud Storage, bounded in size: the stored bytes, never decompressed
+    (``read_object_head``), so a file's record says how much may be read and no more is.
 
     ``text_chars`` and ``image_bytes`` say, from a file record alone, what
     ``load`` would give the model: the history is chosen with them before any
@@ -83,7 +82,7 @@ class FileReader:
 
     async def _read(self, object_name: str, max_bytes: int) -> bytes:
         blob = self.storage.bucket(self.bucket).blob(object_name)
-        return await asyncio.to_thread(blob.download_as_bytes, start=0, end=max_bytes - 1)
+        return await asyncio.to_thread(read_object_head, blob, max_bytes)
 
 
 def history_budget(settings: Settings) -> int:

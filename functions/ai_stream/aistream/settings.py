@@ -9,16 +9,19 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from datetime import timedelta
+from urllib.parse import urlsplit
 
 from chatcore import topology
 from chatcore.config import (
     ENV_LOCAL,
+    ENV_PRODUCTION,
     ENVIRONMENTS,
     GcpConfig,
     env_bool,
     env_choice,
     env_float,
     env_int,
+    env_list,
     env_str,
     process_environ,
 )
@@ -39,6 +42,7 @@ class Settings:
     system_prompt: str
     offline_token_delay_ms: float
     openai_base_url: str
+    openai_allowed_hosts: tuple[str, ...]
     openai_api_key: str
     openai_model: str
     openai_max_tokens_field: str
@@ -59,6 +63,7 @@ class Settings:
     prompt_max_chars: int
     file_text_max_chars: int
     image_max_bytes: int
+    global_tokens_per_hour: int
     uploads_bucket: str
     log_level: str
     gc_tuning: bool
@@ -74,6 +79,8 @@ class Settings:
             system_prompt=env_str(env, "AI_SYSTEM_PROMPT", DEFAULT_SYSTEM_PROMPT),
             offline_token_delay_ms=env_float(env, "OFFLINE_TOKEN_DELAY_MS", 20, minimum=0, maximum=10_000),
             openai_base_url=env_str(env, "OPENAI_BASE_URL", "https://api.openai.com/v1").rstrip("/"),
+            openai_allowed_hosts=tuple(host.lower() for host in env_list(env, "OPENAI_ALLOWED_HOSTS",
+                                                                         ("api.openai.com",))),
             openai_api_key=env_str(env, "OPENAI_API_KEY"),
             openai_model=env_str(env, "OPENAI_MODEL", "gpt-4o-mini"),
             openai_max_tokens_field=env_choice(env, "OPENAI_MAX_TOKENS_FIELD", "max_tokens",
@@ -95,6 +102,7 @@ class Settings:
             prompt_max_chars=env_int(env, "PROMPT_MAX_CHARS", 48_000, minimum=100),
             file_text_max_chars=env_int(env, "FILE_TEXT_MAX_CHARS", 20_000, minimum=0),
             image_max_bytes=env_int(env, "IMAGE_MAX_BYTES", 5 * 1024 * 1024, minimum=0),
+            global_tokens_per_hour=env_int(env, "AI_GLOBAL_TOKENS_PER_HOUR", 0, minimum=0),
             uploads_bucket=env_str(env, "UPLOAD_BUCKET", topology.load().uploads_bucket),
             log_level=env_choice(env, "LOG_LEVEL", "info", ("debug", "info", "warning", "error")),
             gc_tuning=env_bool(env, "GC_TUNING", True),
@@ -117,3 +125,16 @@ class Settings:
             raise ConfigError("OPENAI_BASE_URL must be an http(s) URL")
         if self.provider == "gemini" and not self.gemini_vertexai and not self.gemini_api_key:
             raise ConfigError("AI_PROVIDER=gemini needs GEMINI_API_KEY or GEMINI_USE_VERTEXAI=1")
+        if self.environment == ENV_PRODUCTION:
+            self._check_endpoints_for_production()
+
+    def _check_endpoints_for_production(self) -> None:
+        """The model endpoints production may send prompts and credentials to (review finding 4, issue 13)."""
+        if self.gemini_base_url:
+            # In Vertex mode the SDK sends the service account's bearer token to whatever URL this is.
+            raise ConfigError("GEMINI_BASE_URL is for tests only; CHAT_ENV=production refuses it")
+        url = urlsplit(self.openai_base_url)
+        if (url.scheme != "https" or url.username is not None or url.password is not None
+                or (url.hostname or "") not in self.openai_allowed_hosts):
+            raise ConfigError("CHAT_ENV=production needs an https OPENAI_BASE_URL, without credentials, on a host "
+                              f"of OPENAI_ALLOWED_HOSTS ({', '.join(self.openai_allowed_hosts) or 'none'})")

@@ -1,11 +1,20 @@
 """``on_upload_finalized``: accept or refuse an object the browser wrote with its signed URL.
 
 Cloud Storage cannot check everything the signed URL promised (and
-fake-gcs-server checks nothing), so the object is checked again here: its
-size against the limit and the declared size, its stored type against the
-declared one, and its first bytes against that type. A refused object is
-deleted and the uploader is told on ``user:<id>``; an accepted one becomes
-one message, emitted to the room as ``file_uploaded``.
+fake-gcs-server checks nothing), so the object is checked again here: that
+it has no ``contentEncoding``, its size against the limit and the declared
+size, its stored type against the declared one, and its first bytes against
+that type; and, when it is accepted, its size against the uploader's storage
+quota. A refused object is deleted and the uploader is told on
+``user:<id>``; an accepted one becomes one message, emitted to the room as
+``file_uploaded``.
+
+``Content-Encoding`` is not part of what the URL signs, so an uploader can
+add ``Content-Encoding: gzip`` to the PUT: Cloud Storage then stores the
+gzip bytes as they were sent, and readers that let the client decompress
+get far more than they asked for (a decompression bomb behind a valid PNG
+signature). Files are stored as they are sent, so any encoding is refused,
+and the first bytes are read raw and capped (``read_object_head``).
 
 Retry discipline: malformed or foreign events are logged and acknowledged;
 an event for a generation that no longer exists is stale and dropped;
@@ -47,6 +56,7 @@ class StorageObject:
     generation: int
     size: int | None = None
     content_type: str | None = None
+    content_encoding: str | None = None
 
 
 class EmitInProgress(Unavailable):
@@ -100,7 +110,7 @@ def _from_resource(resource: dict | None, attributes: dict | None) -> StorageObj
     try:
         size = int(resource["size"]) if resource.get("size") is not None else None
         return StorageObject(bucket=bucket, name=name, generation=int(generation), size=size,
-                             content_type=resource.get("contentType"))
+                             content_type=resource.get("contentType"), content_encoding=resource.get("contentEncoding"))
     except (TypeError, ValueError):
         raise InvalidArgument("event has a malformed generation or size") from None
 
@@ -146,10 +156,13 @@ class Finalizer:
     # -- checks ------------------------------------------------------------
     def _check(self, obj: StorageObject, upload: uploads_mod.PendingUpload) -> ChatError | None:
         blob = self.storage.bucket(obj.bucket).blob(obj.name, generation=obj.generation)
-        size, stored_type = obj.size, obj.content_type
+        size, stored_type, encoding = obj.size, obj.content_type, obj.content_encoding
         if size is None or stored_type is None:  # a notification without its payload
             blob.reload()
-            size, stored_type = blob.size, blob.content_type
+            size, stored_type, encoding = blob.size, blob.content_type, blob.content_encoding
+        if encoding:
+            return InvalidArgument(f"{upload.filename}: stored with Content-Encoding {encoding[:32]}; "
+                                   "files must be sent as they are")
         limit = self.settings.limits.max_upload_bytes
         if size > limit:
             return TooLarge(f"{upload.filename}: files are limited to {limit} bytes")
@@ -157,7 +170,7 @@ class Finalizer:
             return InvalidArgument(f"{upload.filename}: {size} bytes were uploaded but {upload.size} were declared")
         if (stored_type or "").split(";", 1)[0].strip().lower() != upload.content_type:
             return InvalidArgument(f"{upload.filename}: stored as {stored_type!r}, declared {upload.content_type}")
-        head = blob.download_as_bytes(start=0, end=min(size, sniffing.SNIFF_BYTES) - 1)
+        head = uploads_mod.read_object_head(blob, min(size, sniffing.SNIFF_BYTES))
         problem = sniffing.content_problem(upload.content_type, head, complete=size <= sniffing.SNIFF_BYTES)
         if problem is not None:
             return InvalidArgument(f"{upload.filename}: the file {problem}")
@@ -174,7 +187,8 @@ class Finalizer:
         return self._done(f"rejected: {problem.code}", labels, logging.WARNING)
 
     def _accept(self, obj: StorageObject, upload: uploads_mod.PendingUpload, labels: dict) -> str:
-        result = self.runner.run(self.uploads.accept(upload.id, obj.generation), timeout=FIRESTORE_TIMEOUT)
+        result = self.runner.run(self.uploads.accept(upload.id, obj.generation, self.settings.policy),
+                                 timeout=FIRESTORE_TIMEOUT)
         if result.delete_object:
             self._delete(obj)
             if result.refusal is not None:

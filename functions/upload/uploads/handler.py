@@ -98,7 +98,7 @@ class Runtime:
         with self._lock:
             if self._finalizer is None:
                 _, uploads = self._stores()
-                self._bus = GooglePubSubManager(self.settings.gcp.project_id, topology.load().chat_events_topic,
+                self._bus = GooglePubSubManager(self.settings.gcp.project_id, topology.load().function_events_topic,
                                                 write_only=True, publisher=self._publisher)
                 self._finalizer = Finalizer(self.settings, uploads, self._storage_client(), self._bus, self.signer,
                                             self.runner)

@@ -41,6 +41,8 @@ class Settings:
     cors_allowed_origins: tuple[str, ...]
     uploads_per_window: int
     upload_window_seconds: int
+    storage_quota_bytes: int
+    retention_days: int
     max_caption_chars: int
     pending_ttl_seconds: int
     log_level: str
@@ -48,7 +50,9 @@ class Settings:
     @property
     def policy(self) -> uploads_mod.UploadPolicy:
         return uploads_mod.UploadPolicy(uploads_per_window=self.uploads_per_window,
-                                        window_seconds=self.upload_window_seconds)
+                                        window_seconds=self.upload_window_seconds,
+                                        storage_quota_bytes=self.storage_quota_bytes,
+                                        retention_days=self.retention_days)
 
     @property
     def pending_ttl(self) -> timedelta:
@@ -69,6 +73,10 @@ class Settings:
             cors_allowed_origins=env_list(env, "CORS_ALLOWED_ORIGINS", ("*",) if local else ()),
             uploads_per_window=env_int(env, "UPLOADS_PER_WINDOW", 30, minimum=1),
             upload_window_seconds=env_int(env, "UPLOAD_WINDOW_SECONDS", 60, minimum=1),
+            storage_quota_bytes=env_int(env, "UPLOAD_USER_QUOTA_BYTES", uploads_mod.DEFAULT_STORAGE_QUOTA_BYTES,
+                                        minimum=0),
+            # Must be the bucket's lifecycle rule (Terraform sets both from var.upload_retention_days).
+            retention_days=env_int(env, "UPLOAD_RETENTION_DAYS", uploads_mod.DEFAULT_RETENTION_DAYS, minimum=1),
             max_caption_chars=env_int(env, "MAX_MESSAGE_CHARS", 8000, minimum=1),
             pending_ttl_seconds=env_int(env, "UPLOAD_PENDING_TTL_SECONDS", uploads_mod.layout().pending_ttl_seconds,
                                         minimum=120),

@@ -33,12 +33,19 @@ class Turn:
 
 
 class ProviderError(Exception):
-    """The model failed. ``code`` is a PROTOCOL.md error code sent to the client."""
+    """The model failed. ``code`` is a PROTOCOL.md error code sent to the client.
 
-    def __init__(self, message: str, code: str = "unavailable"):
+    ``message`` is shown to the room, so it is only ever our own words (an
+    HTTP status, an API enum name at most). What the endpoint itself said (an
+    error body, an error event) goes in ``detail``, which is only logged: a
+    model endpoint is a remote party, and its text is neither ours to show
+    nor bounded."""
+
+    def __init__(self, message: str, code: str = "unavailable", detail: str = ""):
         super().__init__(message)
         self.message = message
         self.code = code
+        self.detail = detail
 
 
 class Provider(Protocol):
@@ -59,6 +66,7 @@ MAX_ERROR_DETAIL = 300
 _CONTEXT_TOO_LONG = re.compile(r"context[_ ]length|maximum context|too many tokens|exceeds the maximum number of "
                                r"tokens|input token count", re.IGNORECASE)
 _UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f]+")
+_ENUM_NAME = re.compile(r"[A-Z][A-Z0-9_]{0,63}")
 
 
 def is_image(attachment: Attachment) -> bool:
@@ -102,3 +110,11 @@ def redact(text: str, secret: str | None) -> str:
         text = text.replace(secret, "[redacted]")
     text = " ".join(text.split())
     return text if len(text) <= MAX_ERROR_DETAIL else text[:MAX_ERROR_DETAIL] + "…"
+
+
+def enum_name(value: object, default: str = "OTHER") -> str:
+    """``value`` if it looks like an API enum name (``SAFETY``, ``RESOURCE_EXHAUSTED``), else ``default``.
+
+    Lets a message name a finish reason or an error status without passing on free text."""
+    text = str(getattr(value, "value", value) or "")
+    return text if _ENUM_NAME.fullmatch(text) else default

@@ -15,15 +15,19 @@ aiohttp. Four of its defaults are changed on purpose:
 - no SDK timeout: ``HttpOptions.timeout`` caps the *whole* stream, whereas
   ``timeout`` here bounds each wait for the next piece, like the OpenAI
   provider's;
-- our own aiohttp session (``HttpOptions.aiohttp_client``), whose trace hook
-  hands us the HTTP response of each stream. Closing the SDK's iterator
-  early does not close that response: the SDK nests several generators and
-  the innermost one sits in a reference cycle, so only the cyclic garbage
-  collector would end the request, seconds later. We close it ourselves.
+- our own aiohttp session (``HttpOptions.aiohttp_client``, ``http.new_session``),
+  whose trace hook hands us the HTTP response of each stream. Closing the
+  SDK's iterator early does not close that response: the SDK nests several
+  generators and the innermost one sits in a reference cycle, so only the
+  cyclic garbage collector would end the request, seconds later. We close it
+  ourselves. The session also ignores proxy variables and bounds what the
+  SDK reads (``http.BoundedResponse``), where the SDK's own would not.
 
-``base_url`` points the SDK at another server (the local fake in tests). In
-Vertex mode the SDK still needs credentials: from the environment (ADC) in
-production, or passed in as ``credentials``.
+``base_url`` points the SDK at another server (the local fake in tests;
+refused in production, see ``Settings.validate``). In Vertex mode the SDK
+still needs credentials: from the environment (ADC) in production, or passed
+in as ``credentials``. What the endpoint says in an error goes in
+``ProviderError.detail`` (logged), never in the message the room sees.
 """
 
 from __future__ import annotations
@@ -37,7 +41,17 @@ import aiohttp
 from google.auth import exceptions as auth_errors
 from google.genai import Client, errors, types
 
-from .base import ProviderError, Turn, attachment_text, error_code_for_status, is_image, redact, turn_text
+from .base import (
+    ProviderError,
+    Turn,
+    attachment_text,
+    enum_name,
+    error_code_for_status,
+    is_image,
+    redact,
+    turn_text,
+)
+from .http import new_session
 
 # Finish reasons after which the reply is complete (possibly cut short by a token limit).
 NORMAL_FINISH_REASONS = frozenset({"STOP", "MAX_TOKENS", "CONTINUATION", "FINISH_REASON_UNSPECIFIED"})
@@ -94,7 +108,7 @@ class GeminiProvider:
         if self._client is None or self._session is None or self._session.closed or self._session_loop is not loop:
             trace = aiohttp.TraceConfig()
             trace.on_request_end.append(_remember_response)
-            session = aiohttp.ClientSession(trace_configs=[trace], trust_env=True)
+            session = new_session(bounded_responses=True, trace_configs=[trace])
             try:
                 client = self._make_client(session)
             except ValueError as exc:  # the SDK's "no API key", "no project", ...
@@ -176,8 +190,7 @@ class GeminiProvider:
         """The answer's text in one streamed response, and the error to raise after it if Gemini refused."""
         feedback = response.prompt_feedback
         if feedback is not None and feedback.block_reason:
-            reason = getattr(feedback.block_reason, "value", feedback.block_reason)
-            return "", ProviderError(f"Gemini refused the prompt ({reason})", "forbidden")
+            return "", ProviderError(f"Gemini refused the prompt ({enum_name(feedback.block_reason)})", "forbidden")
         if not response.candidates:
             return "", None
         candidate = response.candidates[0]
@@ -189,18 +202,18 @@ class GeminiProvider:
             return text, None
         if reason in REFUSAL_FINISH_REASONS:
             return text, ProviderError(f"Gemini stopped the reply ({reason})", "forbidden")
-        return text, ProviderError(f"Gemini ended the reply abnormally ({reason})", "unavailable")
+        return text, ProviderError(f"Gemini ended the reply abnormally ({enum_name(reason)})", "unavailable")
 
     def _api_error(self, exc: errors.APIError) -> ProviderError:
         status = int(exc.code or 0)
-        described = f"HTTP {status}" + (f" {exc.status}" if exc.status else "")
+        described = " ".join(filter(None, (f"HTTP {status}", enum_name(exc.status, default=""))))
         if status in (401, 403):
             return ProviderError(f"Gemini refused our credentials ({described})", error_code_for_status(status))
         if status == 400 and "API_KEY_INVALID" in str(exc.details):
             return ProviderError("Gemini refused our API key (HTTP 400 API_KEY_INVALID)", "internal")
         detail = str(exc.message or "")
-        message = f"Gemini answered {described}" + (f": {redact(detail, self.api_key)}" if detail else "")
-        return ProviderError(message, error_code_for_status(status, detail))
+        return ProviderError(f"Gemini answered {described}", error_code_for_status(status, detail),
+                             detail=redact(detail, self.api_key))
 
     async def aclose(self) -> None:
         client, self._client = self._client, None

@@ -7,7 +7,9 @@ parsing is done here, on aiohttp, so the function needs no SDK for it.
 
 ``timeout`` bounds every wait on the network: connecting, the response
 headers, and each read of the body. A server that stops sending for that long
-is treated as hung. The total length of a reply is the caller's business.
+is treated as hung. The total length of a reply is the caller's business; the
+bytes the endpoint may make us hold are bounded (``http.py``; an event, by
+``MAX_EVENT_BYTES``).
 
 The module also holds what both network providers share: how attachments
 become text, and how an HTTP status becomes a PROTOCOL.md error code.
@@ -25,6 +27,7 @@ from typing import Any
 import aiohttp
 
 from .base import ProviderError, Turn, attachment_text, error_code_for_status, is_image, redact, turn_text
+from .http import MAX_EVENT_BYTES, bounded_chunks, new_session, read_error_body
 
 # Finish reasons that mean the model (or a filter in front of it) refused to go on.
 REFUSED_FINISH_REASONS = frozenset({"content_filter"})
@@ -33,12 +36,17 @@ REFUSED_FINISH_REASONS = frozenset({"content_filter"})
 # -- server-sent events -------------------------------------------------------------------
 class SSEDecoder:
     """Incremental parser of a ``text/event-stream`` body (WHATWG rules: CR, LF or CRLF line ends,
-    ``data:`` lines joined by newlines, ``:`` comments ignored, a blank line ends an event)."""
+    ``data:`` lines joined by newlines, ``:`` comments ignored, a blank line ends an event).
 
-    def __init__(self) -> None:
+    An event whose data exceeds ``max_event_bytes`` is refused (``ProviderError``); the line being
+    read is bounded by whoever reads the body (``http.BoundedChunks``)."""
+
+    def __init__(self, max_event_bytes: int = MAX_EVENT_BYTES) -> None:
+        self.max_event_bytes = max_event_bytes
         self._buffer = b""
         self._event = ""
         self._data: list[str] = []
+        self._data_size = 0
 
     def feed(self, chunk: bytes) -> list[tuple[str, str]]:
         """The ``(event type, data)`` pairs that ``chunk`` completes."""
@@ -71,6 +79,9 @@ class SSEDecoder:
         name, _, value = line.partition(":")
         value = value.removeprefix(" ")
         if name == "data":
+            self._data_size += len(value) + 1
+            if self._data_size > self.max_event_bytes:
+                raise ProviderError(f"the model endpoint sent an event larger than {self.max_event_bytes} bytes")
             self._data.append(value)
         elif name == "event":
             self._event = value
@@ -78,7 +89,7 @@ class SSEDecoder:
 
     def _dispatch(self) -> tuple[str, str]:
         event = (self._event or "message", "\n".join(self._data))
-        self._event, self._data = "", []
+        self._event, self._data, self._data_size = "", [], 0
         return event
 
 
@@ -134,7 +145,7 @@ class OpenAICompatibleProvider:
         loop = asyncio.get_running_loop()
         session = self._session
         if session is None or (self._owns_session and (session.closed or self._session_loop is not loop)):
-            session = aiohttp.ClientSession()  # bound to this loop: a later loop gets its own
+            session = new_session()  # bound to this loop: a later loop gets its own
             self._session, self._session_loop = session, loop
         return session
 
@@ -157,7 +168,7 @@ class OpenAICompatibleProvider:
             if response.status >= 400:
                 raise await self._http_error(response)
             decoder = SSEDecoder()
-            chunks = response.content.iter_any()
+            chunks = bounded_chunks(response)
             finish_reason = None
             while not finished:
                 try:
@@ -197,8 +208,8 @@ class OpenAICompatibleProvider:
         if payload.get("error") or event == "error":
             error = payload.get("error", payload)
             detail = error.get("message") if isinstance(error, dict) else str(error)
-            raise ProviderError(f"the model failed mid-stream: {redact(str(detail or 'unknown error'), self.api_key)}",
-                                "unavailable")
+            raise ProviderError("the model failed mid-stream", "unavailable",
+                                detail=redact(str(detail or "unknown error"), self.api_key))
         choices = payload.get("choices") or []
         choice = next((c for c in choices if isinstance(c, dict) and c.get("index", 0) == 0), None)
         if choice is None:
@@ -218,7 +229,8 @@ class OpenAICompatibleProvider:
                                  error_code_for_status(status))
         try:
             async with asyncio.timeout(self.timeout):
-                raw = await response.text(errors="replace")
+                body, _ = await read_error_body(response)
+            raw = body.decode("utf-8", "replace")
         except (TimeoutError, aiohttp.ClientError):
             raw = ""
         detail = raw
@@ -230,10 +242,8 @@ class OpenAICompatibleProvider:
                 detail = str(error)
         except (ValueError, AttributeError):
             pass
-        message = f"the model endpoint answered HTTP {status}"
-        if detail.strip():
-            message += f": {redact(detail, self.api_key)}"
-        return ProviderError(message, error_code_for_status(status, detail))
+        return ProviderError(f"the model endpoint answered HTTP {status}", error_code_for_status(status, detail),
+                             detail=redact(detail, self.api_key))
 
     async def aclose(self) -> None:
         if not self._owns_session:
