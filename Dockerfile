@@ -7,7 +7,7 @@
 FROM node:22.12.0-bookworm-slim AS ui-vendor
 WORKDIR /build
 COPY package.json package-lock.json ./
-RUN npm ci --no-audit --no-fund --ignore-scripts --loglevel=error \
+RUN npm ci --omit=dev --no-audit --no-fund --ignore-scripts --loglevel=error \
     && mkdir vendor \
     && cp node_modules/socket.io-client/dist/socket.io.min.js node_modules/marked/lib/marked.umd.js \
        node_modules/dompurify/dist/purify.min.js vendor/

@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 SOAK_ARGS ?=
 
-.PHONY: dev test lint bench soak prereqs clean ui
+.PHONY: dev test lint bench soak prereqs clean ui node
 
 $(STAMP): requirements-dev.txt constraints.txt $(wildcard */requirements.txt functions/*/requirements.txt)
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11+ is required (found " + sys.version.split()[0] + ")")'
@@ -17,14 +17,21 @@ $(STAMP): requirements-dev.txt constraints.txt $(wildcard */requirements.txt fun
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt -c constraints.txt
 	@touch $(STAMP)
 
-# The chat UI's browser libraries: pinned npm packages (package-lock.json),
-# copied into socket_service/ui/vendor/ (not committed).
+# The pinned npm packages (package-lock.json): the chat UI's browser libraries,
+# copied into socket_service/ui/vendor/ (not committed), and, as devDependencies,
+# the google provider schemas tests/infra/test_provider_schema.py reads
+# (node_modules/@cdktf/provider-google*/.jsii). npm ci writes NODE_STAMP, so a
+# deleted node_modules is installed again.
+NODE_STAMP := node_modules/.package-lock.json
 UI_VENDOR := socket_service/ui/vendor
 UI_STAMP := $(UI_VENDOR)/.installed-stamp
 
-$(UI_STAMP): package.json package-lock.json
-	@command -v npm >/dev/null 2>&1 || { echo "npm (Node.js 18+) is required to install the chat UI's libraries" >&2; exit 1; }
+$(NODE_STAMP): package.json package-lock.json
+	@command -v npm >/dev/null 2>&1 || { echo "npm (Node.js 18+) is required to install the pinned npm packages" >&2; exit 1; }
 	npm ci --no-audit --no-fund --ignore-scripts --loglevel=error
+	@touch $(NODE_STAMP)
+
+$(UI_STAMP): $(NODE_STAMP)
 	@mkdir -p $(UI_VENDOR)
 	cp node_modules/socket.io-client/dist/socket.io.min.js node_modules/marked/lib/marked.umd.js \
 	   node_modules/dompurify/dist/purify.min.js $(UI_VENDOR)/
@@ -32,7 +39,9 @@ $(UI_STAMP): package.json package-lock.json
 
 ui: $(UI_STAMP)
 
-prereqs: $(STAMP) $(UI_STAMP)
+node: $(NODE_STAMP)
+
+prereqs: $(STAMP) $(NODE_STAMP) $(UI_STAMP)
 	@bash scripts/install-system-deps.sh
 	@$(PY) -m devstack --check
 

@@ -1,8 +1,11 @@
 """Emits to rooms through the room bus from outside the socket service.
 
-This is what the Cloud Functions do: a write-only ``GooglePubSubManager``
-(``chatcore.pubsub_manager``) publishes each emit to the ``chat-events``
-topic with the room as ordering key. bench/fanout.py starts this process,
+A write-only ``GooglePubSubManager`` (``chatcore.pubsub_manager``), the
+manager the Cloud Functions use, publishes each emit to a bus topic with the
+room as ordering key: by default ``chat-events``, the instances' own bus,
+which obeys any event (the functions publish on ``chat-events-functions``,
+where the instances take only the functions' own events, so a ``bench``
+event would be dropped there). bench/fanout.py starts this process,
 waits for ``READY`` on its stdout, writes ``GO`` to its stdin, and reads one
 JSON line of results when it ends (after ``--duration`` seconds and a flush).
 

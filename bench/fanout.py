@@ -548,7 +548,7 @@ async def service_phases(bench: Bench, out: dict) -> dict:
     url_a, url_b = f"http://127.0.0.1:{port_a}", f"http://127.0.0.1:{port_b}"
     print("socket service", flush=True)
     proc_a = await bench.start_server("socket-a", [PY, "-m", "socket_service"], port_a, a.server_core,
-                                      {**env, "CHAT_PORT": str(port_a)}, "/readyz")
+                                      {**env, "CHAT_PORT": str(port_a)}, "/ready")
     pid_a = proc_a.proc.pid
     proc_b = None
     try:
@@ -598,7 +598,7 @@ async def service_phases(bench: Bench, out: dict) -> dict:
         # just before and just after, on the same emulator.
         if a.send_rates:
             proc_b = await bench.start_server("socket-b", [PY, "-m", "socket_service"], port_b, a.b_core,
-                                              {**env, "CHAT_PORT": str(port_b)}, "/readyz")
+                                              {**env, "CHAT_PORT": str(port_b)}, "/ready")
             if not a.skip_bus:
                 out["bus_alone_before"] = await undisturbed(a, "bus", lambda: bus_alone(bench, a.send_target,
                                                                                          a.bus_seconds))

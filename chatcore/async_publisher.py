@@ -34,18 +34,23 @@ import grpc
 from .publisher import _REQUEST, _RESPONSE, PUBLISH_METHOD, KeyedBatches, PublisherClientOwner
 
 
-async def default_channel() -> grpc.aio.Channel:
+async def default_channel(client_options: dict | None = None) -> grpc.aio.Channel:
     """The emulator's channel if ``PUBSUB_EMULATOR_HOST`` is set, else Pub/Sub's, authenticated.
 
+    ``client_options`` (a regional endpoint) are given to Pub/Sub's client.
     Finding the credentials may ask the metadata server over HTTP: that runs
     in a thread, so the replies already streaming on the loop do not stall."""
     host = os.environ.get("PUBSUB_EMULATOR_HOST")
     if host:
         return grpc.aio.insecure_channel(host)
     import google.auth
-    from google.pubsub_v1.services.publisher import PublisherAsyncClient
+    from google.pubsub_v1.services import publisher as gapic_publisher
     credentials, _ = await asyncio.to_thread(google.auth.default)
-    return PublisherAsyncClient(credentials=credentials).transport.grpc_channel
+    if client_options:
+        client = gapic_publisher.PublisherAsyncClient(credentials=credentials, client_options=client_options)
+    else:
+        client = gapic_publisher.PublisherAsyncClient(credentials=credentials)
+    return client.transport.grpc_channel
 
 
 class AsyncPublisher(KeyedBatches, PublisherClientOwner):
@@ -54,16 +59,17 @@ class AsyncPublisher(KeyedBatches, PublisherClientOwner):
     ``channel_factory`` (a coroutine function, awaited on the loop before the
     first RPC) replaces ``default_channel``; tests point it at a local server.
     The synchronous ``PublisherClient`` serves only ``get_topic`` (readiness
-    checks, rare and synchronous)."""
+    checks, rare and synchronous). Both get ``client_options`` (a regional
+    endpoint, ``GcpConfig.pubsub_client_options``)."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, *,
                  channel_factory: Callable[[], Awaitable[grpc.aio.Channel]] | None = None,
                  rpc_timeout: float = 60.0, retry_deadline: float = 60.0, initial_backoff: float = 0.1,
-                 max_backoff: float = 5.0):
+                 max_backoff: float = 5.0, client_options: dict | None = None):
         KeyedBatches.__init__(self, rpc_timeout, retry_deadline, initial_backoff, max_backoff)
-        PublisherClientOwner.__init__(self)
+        PublisherClientOwner.__init__(self, client_options=client_options)
         self.loop = loop
-        self._channel_factory = channel_factory or default_channel
+        self._channel_factory = channel_factory or (lambda: default_channel(client_options))
         self._aio_channel: grpc.aio.Channel | None = None
         self._publish_rpc = None
         self._connecting: asyncio.Task | None = None  # the first RPCs all wait for one channel

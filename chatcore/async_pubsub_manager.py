@@ -71,20 +71,23 @@ class AsyncGooglePubSubManager(AsyncPubSubManager):
 
     # -- lifecycle -----------------------------------------------------
     async def start(self) -> None:
-        """Create this instance's subscription and start listening, before any client connects."""
+        """Create this instance's subscription and start listening, before any client connects.
+
+        A failure (Pub/Sub refusing, say while IAM grants propagate) raises, and
+        a later call tries again."""
         if self.write_only or self._started:
             return
-        self._started = True
         await asyncio.to_thread(self.transport.create_subscription)
+        self._started = True
         if self.server is not None and not self.server.manager_initialized:
             self.server.manager_initialized = True
             self.initialize()
 
-    async def close(self, timeout: float = 15.0) -> None:
+    async def close(self, timeout: float = 15.0) -> bool:
         """Flush pending emits, stop listening and delete the subscription, within ``timeout`` seconds.
 
         What does not fit (Pub/Sub unreachable) is abandoned with a WARNING;
-        see ``PubSubTransport.close``.
+        see ``PubSubTransport.close``. True if the subscriptions are gone.
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
@@ -111,8 +114,11 @@ class AsyncGooglePubSubManager(AsyncPubSubManager):
         done, _ = await asyncio.wait({closing}, timeout=budget + 1.0)
         if not done:
             self._get_logger().warning("closing the bus took longer than %.1fs; abandoned", budget + 1.0)
-        elif closing.exception() is not None:
+            return False
+        if closing.exception() is not None:
             self._get_logger().warning("closing the bus failed: %r", closing.exception())
+            return False
+        return bool(closing.result())
 
     @property
     def healthy(self) -> bool:

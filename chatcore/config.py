@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -98,19 +99,40 @@ class GcpConfig:
     firestore_emulator_host: str = ""
     pubsub_emulator_host: str = ""
     storage_emulator_host: str = ""
+    # Pub/Sub keeps an ordering key's order only between messages published in one region:
+    # every publisher talks to this region's endpoint (empty: the global endpoint).
+    pubsub_region: str = ""
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> GcpConfig:
         project = env_str(environ, "GOOGLE_CLOUD_PROJECT")
         if not project:
             raise ConfigError("GOOGLE_CLOUD_PROJECT is required")
+        region = env_str(environ, "PUBSUB_REGION")
+        if region and not REGION_ID.fullmatch(region):
+            raise ConfigError(f"PUBSUB_REGION must be a Google Cloud region id such as europe-west1, got {region!r}")
         return cls(
             project_id=project,
             firestore_database=env_str(environ, "FIRESTORE_DATABASE", "(default)"),
             firestore_emulator_host=env_str(environ, "FIRESTORE_EMULATOR_HOST"),
             pubsub_emulator_host=env_str(environ, "PUBSUB_EMULATOR_HOST"),
             storage_emulator_host=env_str(environ, "STORAGE_EMULATOR_HOST"),
+            pubsub_region=region,
         )
+
+    @property
+    def pubsub_client_options(self) -> dict | None:
+        """``client_options`` for every Pub/Sub publisher client: the region's endpoint, or None (the default).
+
+        None with the emulator: google-cloud-pubsub points its clients at
+        ``PUBSUB_EMULATOR_HOST`` by itself."""
+        if not self.pubsub_region or self.pubsub_emulator_host:
+            return None
+        return {"api_endpoint": f"{self.pubsub_region}-pubsub.googleapis.com:443"}
+
+
+# A region id (europe-west1, northamerica-northeast2): what may go into a Pub/Sub endpoint's host name.
+REGION_ID = re.compile(r"[a-z]+-[a-z]+[0-9]{1,2}")
 
 
 def process_environ() -> Mapping[str, str]:

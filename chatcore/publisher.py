@@ -160,9 +160,9 @@ class PublisherClientOwner(OnClientChannel):
 class Publisher(KeyedBatches, PublisherClientOwner):
     def __init__(self, client=None, *, channel: grpc.Channel | None = None, max_in_flight: int = 16,
                  rpc_timeout: float = 60.0, retry_deadline: float = 60.0, initial_backoff: float = 0.1,
-                 max_backoff: float = 5.0, idle_worker_seconds: float = 60.0):
+                 max_backoff: float = 5.0, idle_worker_seconds: float = 60.0, client_options: dict | None = None):
         KeyedBatches.__init__(self, rpc_timeout, retry_deadline, initial_backoff, max_backoff)
-        PublisherClientOwner.__init__(self, client, channel)
+        PublisherClientOwner.__init__(self, client, channel, client_options)
         self.max_in_flight = max_in_flight
         self.idle_worker_seconds = idle_worker_seconds
         self._cond = threading.Condition()

@@ -28,14 +28,17 @@ def backoff(attempt: int, initial: float, maximum: float) -> float:
 class OnClientChannel:
     """A google-cloud-pubsub client, created on first use, and unary stubs on its channel.
 
-    ``channel`` replaces the client's channel (tests point it at a local server).
+    ``channel`` replaces the client's channel (tests point it at a local server);
+    ``client_options`` are given to the client when it is created (a regional
+    endpoint, ``GcpConfig.pubsub_client_options``).
     """
 
     client_class_name = ""  # "PublisherClient" or "SubscriberClient"
 
-    def __init__(self, client=None, channel: grpc.Channel | None = None):
+    def __init__(self, client=None, channel: grpc.Channel | None = None, client_options: dict | None = None):
         self._client = client
         self._channel = channel
+        self.client_options = client_options
         self._stubs: dict[str, grpc.UnaryUnaryMultiCallable] = {}
         self._stubs_lock = threading.Lock()
 
@@ -44,7 +47,8 @@ class OnClientChannel:
         """google-cloud-pubsub's client: its channel carries our RPCs; admin calls go through it."""
         if self._client is None:
             from google.cloud import pubsub_v1
-            self._client = getattr(pubsub_v1, self.client_class_name)()
+            client_class = getattr(pubsub_v1, self.client_class_name)
+            self._client = client_class(client_options=self.client_options) if self.client_options else client_class()
         return self._client
 
     def _stub(self, method: str, request_class, response_class) -> grpc.UnaryUnaryMultiCallable:

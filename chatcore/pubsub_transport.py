@@ -44,6 +44,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import threading
 import time
 import uuid
@@ -457,29 +458,33 @@ class PubSubTransport:
             except Exception:  # cancelled futures raise; nothing to report
                 pass
 
-    def delete_subscription(self, timeout: float = 5.0) -> None:
+    def delete_subscription(self, timeout: float = 5.0) -> bool:
         """Delete this instance's subscriptions, giving up after ``timeout`` seconds (retries included).
 
-        Never raises: a stopping instance must not hang on an unreachable
-        Pub/Sub. A subscription left behind is removed by its expiration policy.
+        True if none is left (deleted, or never created). Never raises: a
+        stopping instance must not hang on an unreachable Pub/Sub. A
+        subscription left behind is removed by its expiration policy, or by the
+        next instance that starts (chatcore/instances.py).
         """
         path, self.subscription_path = self.subscription_path, None
         subscribed, self._subscribed = self._subscribed, []
         if path is None:
-            return
+            return True
         deadline = time.monotonic() + timeout
+        deleted = True
         for done, (_, each) in enumerate(subscribed):
             # An equal share of what is left: an unreachable Pub/Sub must not leave the others no time.
-            self._delete(each, (deadline - time.monotonic()) / (len(subscribed) - done))
+            deleted = self._delete(each, (deadline - time.monotonic()) / (len(subscribed) - done)) and deleted
+        return deleted
 
-    def _delete(self, path: str, timeout: float) -> None:
+    def _delete(self, path: str, timeout: float) -> bool:
         template = self._subscription_template
         expiry = (f"its {template.expiration_ttl_seconds / 3600:g} h expiration policy removes it"
                   if template else "its expiration policy removes it")
         if timeout <= 0:
             logger.warning("subscription %s not deleted: no time left before the shutdown deadline; %s",
                            path, expiry)
-            return
+            return False
         try:
             self.subscriber.delete_subscription(request={"subscription": path}, timeout=timeout)
         except gexc.NotFound:
@@ -488,18 +493,54 @@ class PubSubTransport:
             unreachable = isinstance(exc, (gexc.RetryError, gexc.DeadlineExceeded, gexc.ServiceUnavailable))
             logger.warning("subscription %s not deleted within %.1fs: %s (%s); %s", path, timeout,
                            "backend unreachable" if unreachable else "refused", _summary(exc), expiry)
+            return False
+        return True
+
+    # -- other instances' subscriptions (chatcore/instances.py) -----------
+    def peer_subscriptions(self, timeout: float = 30.0) -> dict[str, list[str]]:
+        """Other instances' subscriptions on this instance's topics: ``{host id: [subscription path, ...]}``.
+
+        Those whose name has an instance prefix of the template, on that
+        prefix's topic, and a host id that is not this instance's. Needs
+        ``pubsub.subscriptions.list`` on the project.
+        """
+        feeds = [(f"projects/{self.project_id}/subscriptions/{feed.name[:-len(self.host_id)]}", feed.topic_path)
+                 for feed in self._feeds()]
+        peers: dict[str, list[str]] = {}
+        for subscription in self.subscriber.list_subscriptions(
+                request={"project": f"projects/{self.project_id}"}, timeout=timeout):
+            for prefix, topic in feeds:
+                host_id = subscription.name[len(prefix):]
+                if (subscription.name.startswith(prefix) and subscription.topic == topic and host_id != self.host_id
+                        and HOST_ID.fullmatch(host_id)):
+                    peers.setdefault(host_id, []).append(subscription.name)
+        return peers
+
+    def delete_peer_subscription(self, path: str, timeout: float) -> bool:
+        """Delete another instance's subscription: True once it is gone; failures are logged, never raised."""
+        if timeout <= 0:
+            return False
+        try:
+            self.subscriber.delete_subscription(request={"subscription": path}, timeout=timeout)
+        except gexc.NotFound:
+            return True
+        except gexc.GoogleAPIError as exc:
+            logger.warning("could not delete subscription %s of a stopped instance: %s", path, _summary(exc))
+            return False
+        return True
 
     def check(self, timeout: float = 3.0) -> None:
         """Raise if Pub/Sub cannot be reached (used by readiness probes)."""
         self.publisher.get_topic(request={"topic": self.topic_path}, timeout=timeout)
 
-    def close(self, timeout: float = 15.0) -> None:
+    def close(self, timeout: float = 15.0) -> bool:
         """Stop pulling, wait for what was published, delete the subscription: within ``timeout`` seconds.
 
         Each step gets what is left of the deadline (the publishes at most
         half, so the deletion keeps a share), and what does not fit is
         abandoned with a WARNING: with Pub/Sub unreachable, the client's own
-        retries would otherwise hold the process for a minute or more.
+        retries would otherwise hold the process for a minute or more. True if
+        this instance's subscriptions are gone.
         """
         deadline = time.monotonic() + timeout
 
@@ -510,13 +551,17 @@ class PubSubTransport:
         if not self.flush(timeout=left() / 2):
             logger.warning("%d bus publishes not acknowledged by Pub/Sub before the shutdown deadline; abandoned "
                            "(other instances' clients miss those emits)", self.pending())
-        self.delete_subscription(timeout=left())
+        return self.delete_subscription(timeout=left())
 
 
 def _summary(error: BaseException) -> str:
     """One line about a Pub/Sub error (a RetryError names its last cause)."""
     cause = getattr(error, "cause", None) or error
     return f"{type(cause).__name__}: {str(cause).splitlines()[0][:200] if str(cause) else ''}"
+
+
+# What a host id looks like (python-socketio's are uuid4().hex): never a Firestore path or a wildcard.
+HOST_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
 
 
 def new_host_id() -> str:

@@ -16,8 +16,9 @@ the redelivery, so no claimed reply is left without a worker.
 While streaming, every coalesced chunk is stored in ``chunks/{seq}``
 *before* it is emitted, and the reply document itself is checkpointed at most
 about once a second (``content``, ``seq``, ``heartbeat_at``), only while the
-worker's claim still holds it. A reply whose heartbeat is older than the stale
-limit was abandoned by a crashed worker and is failed by
+worker's claim still holds it. A streaming reply whose heartbeat is older than
+the stale limit was abandoned by a crashed worker, and a pending one older than
+the (longer) pending limit was never picked up: both are failed by
 :meth:`ReplyStore.fail_stale`, so no client waits forever; its worker, if it
 was only slow, finds the reply ended at its next look (:meth:`ReplyStore.state`)
 and stops without another word.
@@ -279,16 +280,32 @@ class ReplyStore:
 
         return await stop(self.db.transaction())
 
-    async def fail_stale(self, stale_after: timedelta, limit: int = 100) -> list[Message]:
-        """Fail replies with no heartbeat for ``stale_after``; returns those this call failed.
+    async def fail_stale(self, stale_after: timedelta, pending_after: timedelta | None = None,
+                         limit: int = 100) -> list[Message]:
+        """Fail abandoned replies; returns those this call failed.
+
+        A streaming reply is abandoned after ``stale_after`` with no heartbeat
+        (its worker's checkpoints stopped). A pending one (``heartbeat_at`` is
+        its creation) after ``pending_after`` (by default ``stale_after``): no
+        worker has claimed it yet, and its AI request may legitimately wait
+        that long for Pub/Sub's push redelivery (backing off up to 600 s) and
+        a cold start. Every failed reply frees its user's concurrency slot.
 
         Safe to run on every instance at once: each update is conditional on
         the document being unchanged since it was read.
         """
-        cutoff = utcnow() - stale_after
-        query = (self.db.collection_group(MESSAGES)
-                 .where(filter=firestore.FieldFilter("status", "in", list(protocol.IN_PROGRESS_STATUSES)))
-                 .where(filter=firestore.FieldFilter("heartbeat_at", "<", cutoff)).limit(limit))
+        now = utcnow()
+        bounds = ((protocol.STREAMING, now - stale_after),
+                  (protocol.PENDING, now - (stale_after if pending_after is None else pending_after)))
+        failed = []
+        for status, cutoff in bounds:
+            query = (self.db.collection_group(MESSAGES)
+                     .where(filter=firestore.FieldFilter("status", "==", status))
+                     .where(filter=firestore.FieldFilter("heartbeat_at", "<", cutoff)).limit(limit))
+            failed.extend(await self._fail_all(query))
+        return failed
+
+    async def _fail_all(self, query) -> list[Message]:
         failed = []
         async for doc in query.stream():
             conversation_id = doc.reference.parent.parent.id

@@ -114,6 +114,9 @@ class Subscriber(OnClientChannel):
     def create_subscription(self, request):
         return self.client.create_subscription(request=request)
 
+    def list_subscriptions(self, request, timeout=None):
+        return self.client.list_subscriptions(request=request, timeout=timeout)
+
     def delete_subscription(self, request, timeout=None):
         """As ``SubscriberClient.delete_subscription``, but ``timeout`` bounds the whole call, retries included.
 

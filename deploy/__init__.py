@@ -1,4 +1,4 @@
-"""Deploy helper: ``python -m deploy package|plan|apply|destroy``.
+"""Deploy helper: ``python -m deploy package|plan|apply|destroy|doctor``.
 
 Runs the Terraform (and, for the first deploy or a local image build, gcloud)
 commands of docs/DEPLOY.md in order, with the right variables. It is not part

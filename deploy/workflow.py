@@ -11,11 +11,14 @@ from dataclasses import dataclass
 from . import commands
 from .packaging import stage_functions
 from .runner import CommandFailed, Runner
-from .settings import PLACEHOLDER_IMAGE, Target
+from .settings import IMAGE_BUILD_CONFIG, IMAGE_BUILD_RETRY_SECONDS, PLACEHOLDER_IMAGE, Target
 
 _DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
 # Outputs printed after apply, in this order.
 SUMMARY_OUTPUTS = ("chat_url", "upload_url", "uploads_bucket", "image")
+# Output naming the gen2 functions' Cloud Run services whose invoker IAM check the helper turns off
+# after each apply (var.public_access = "invoker_iam_disabled"; Terraform has no argument for it).
+INVOKER_OUTPUT = "invoker_check_disabled_services"
 
 
 class DeployError(Exception):
@@ -60,14 +63,29 @@ class Deployment:
                  "`gcloud secrets versions access latest --secret=...`)")
         self.runner.run(commands.secret_add_version(self.target), stdin=secrets.token_urlsafe(48))
 
-    def build_image(self) -> str:
-        """Build and push the socket service's image; returns it by digest."""
+    def build_image(self, *, just_bootstrapped: bool = False) -> str:
+        """Build and push the socket service's image; returns it by digest.
+
+        Right after a bootstrap the build account's grants may still be propagating (typically 2
+        minutes, sometimes 7 or more): a failed build is then retried once, after a wait."""
         try:
             tag = self.runner.output(commands.git_short_sha())
         except CommandFailed:
             tag = ""
         tag = tag or time.strftime("%Y%m%d-%H%M%S", time.gmtime())
-        self.runner.run(commands.build_image(self.target, tag))
+        IMAGE_BUILD_CONFIG.parent.mkdir(parents=True, exist_ok=True)
+        IMAGE_BUILD_CONFIG.write_text(json.dumps(commands.image_build_config(self.target, tag), indent=2) + "\n")
+        argv = commands.build_image(self.target, tag, IMAGE_BUILD_CONFIG)
+        try:
+            self.runner.run(argv)
+        except CommandFailed:
+            if not just_bootstrapped:
+                raise
+            self.say(f"the image build failed right after the bootstrap: if that was a permission error, the "
+                     f"build account's new IAM grants may still be propagating (typically 2 minutes); "
+                     f"retrying once in {IMAGE_BUILD_RETRY_SECONDS} s (Ctrl-C to stop)")
+            time.sleep(IMAGE_BUILD_RETRY_SECONDS)
+            self.runner.run(argv)
         digest = self.runner.output(commands.image_digest(self.target, tag))
         if not _DIGEST.match(digest):
             raise DeployError(f"could not read the digest of {self.target.image_repository}:{tag} (got {digest!r})")
@@ -80,8 +98,25 @@ class Deployment:
         except CommandFailed:
             return ""
 
-    def summary(self) -> dict[str, str]:
-        outputs = json.loads(self.runner.output(commands.tf_output_json()) or "{}")
+    def outputs(self) -> dict:
+        return json.loads(self.runner.output(commands.tf_output_json()) or "{}")
+
+    def open_functions(self, outputs: dict) -> None:
+        """Turn the invoker IAM check off on the services Terraform names, and read it back.
+
+        Run after every apply: whether a function's redeploy keeps the setting is not documented."""
+        for service in outputs.get(INVOKER_OUTPUT, {}).get("value") or []:
+            self.runner.run(commands.disable_invoker_check(self.target, service))
+            state = self.runner.output(commands.invoker_check_disabled(self.target, service))
+            if state.lower() != "true":
+                raise DeployError(
+                    f"the invoker IAM check of {service} is still on (read back {state!r}): browsers get 403. "
+                    "An organization policy may require it (constraints/run.managed.requireInvokerIam): ask for "
+                    "an exception for this project, or set public_access = \"allUsers\" if domain-restricted "
+                    "sharing does not apply (docs/DEPLOY.md, \"What can go wrong on a first deploy\")")
+
+    def summary(self, outputs: dict | None = None) -> dict[str, str]:
+        outputs = self.outputs() if outputs is None else outputs
         values = {name: outputs[name]["value"] for name in SUMMARY_OUTPUTS if name in outputs}
         for name, value in values.items():
             self.say(f"{name:<15} {value}")
@@ -104,9 +139,11 @@ class Deployment:
         self.init()
         if not options.skip_bootstrap:
             self.bootstrap(options.auto_approve)
-        image = options.image or self.build_image()
+        image = options.image or self.build_image(just_bootstrapped=not options.skip_bootstrap)
         self.runner.run(commands.tf_apply(self.target, image, options.auto_approve))
-        return self.summary()
+        outputs = self.outputs()
+        self.open_functions(outputs)
+        return self.summary(outputs)
 
     def destroy(self, options: Options) -> None:
         if not options.skip_package:

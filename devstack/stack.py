@@ -47,6 +47,16 @@ LOCAL_PUSH_RELAYED = {"ai_stream"}
 EMULATOR_JVM_OPTIONS = "-XX:TieredStopAtLevel=1"
 
 
+def push_endpoint(base: str, project_id: str, topic: str) -> str:
+    """Where a push subscription on ``topic`` posts, for a function served at ``base``.
+
+    The path names the topic, so functions-framework builds the CloudEvent
+    ``source`` exactly as Eventarc does in production; infra/terraform/pubsub.tf
+    appends the same path to each function's URL.
+    """
+    return f"{base}/projects/{project_id}/topics/{topic}"
+
+
 def emulator_jvm_env() -> dict[str, str]:
     """The environment additions for an emulator JVM."""
     options = " ".join(filter(None, (EMULATOR_JVM_OPTIONS, os.environ.get("JAVA_TOOL_OPTIONS", ""))))
@@ -219,9 +229,7 @@ class Stack:
                 base = (push_endpoints or {}).get(sub.target)
                 if base is None:
                     continue
-                # The path names the topic, so functions-framework builds the
-                # CloudEvent `source` exactly as Eventarc does in production.
-                endpoint = f"{base}/projects/{self.project_id}/topics/{sub.topic}"
+                endpoint = push_endpoint(base, self.project_id, sub.topic)
                 request = {
                     "name": subscriber.subscription_path(self.project_id, sub.name),
                     "topic": publisher.topic_path(self.project_id, sub.topic),
@@ -287,7 +295,7 @@ class Stack:
         port = free_port()
         proc = Managed(name, [sys.executable, "-m", "devstack.push_relay",
                               "--subscription", f"projects/{self.project_id}/subscriptions/{sub.name}",
-                              "--endpoint", f"{base}/projects/{self.project_id}/topics/{sub.topic}",
+                              "--endpoint", push_endpoint(base, self.project_id, sub.topic),
                               "--timeout", str(sub.ack_deadline_seconds), "--port", str(port)], port,
                        env={**self.emulator_env, "PYTHONPATH": str(ROOT)},
                        log_path=self.log_dir / f"{name}-{port}.log")
@@ -313,7 +321,7 @@ class Stack:
                        env={**self.service_env(**extra_env), "CHAT_PORT": str(port),
                             "PYTHONPATH": str(ROOT)},
                        log_path=self.log_dir / f"{name}-{port}.log")
-        return self._start(proc, lambda: http_ok(f"http://127.0.0.1:{port}/readyz"), 60)
+        return self._start(proc, lambda: http_ok(f"http://127.0.0.1:{port}/ready"), 60)
 
     def stop(self, timeout: float = 6.0) -> None:
         stop_all(self.processes, timeout)

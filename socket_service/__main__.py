@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 import threading
 import time
@@ -74,7 +75,15 @@ def main() -> int:
         print(f"socket_service: configuration error: {err}", file=sys.stderr)
         return 2
     jsonlog.configure(settings.log_level, settings.gcp.project_id)
-    app = create_app(settings)
+    failed: list[bool] = []
+
+    def give_up() -> None:
+        # The bus could not be subscribed within BUS_STARTUP_RETRY_SECONDS: stop as on SIGTERM, exit 1,
+        # and let Cloud Run start a new instance.
+        failed.append(True)
+        signal.raise_signal(signal.SIGTERM)
+
+    app = create_app(settings, on_fatal=give_up)
     timers: list[threading.Timer] = []
 
     async def arm_hard_stop(app: web.Application) -> None:
@@ -85,7 +94,7 @@ def main() -> int:
                 shutdown_timeout=settings.shutdown_grace_seconds, handle_signals=True)
     for timer in timers:
         timer.cancel()
-    return _exit(0)
+    return _exit(1 if failed else 0)
 
 
 if __name__ == "__main__":

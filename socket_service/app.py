@@ -1,17 +1,37 @@
 """Builds the socket service: ``create_app(settings, ...)`` returns an aiohttp app.
 
 Google Cloud clients are created here, once, unless the caller injects them
-(tests, benchmarks). Start-up creates this instance's bus subscription before
-the port serves traffic; shutdown (SIGTERM) marks the instance not ready,
-disconnects its clients so they reconnect elsewhere, and deletes the
-subscription, all within SHUTDOWN_GRACE_SECONDS even when the backends are
-unreachable (what does not fit is abandoned, with a WARNING).
+(tests, benchmarks).
+
+Start-up creates this instance's bus subscriptions before the port opens, as a
+rule. If Pub/Sub refuses (or does not answer within BUS_FIRST_ATTEMPT_SECONDS),
+the port opens anyway and the creation is retried in the background, with
+jittered exponential backoff, for up to BUS_STARTUP_RETRY_SECONDS (a WARNING
+per refusal). On a fresh deployment IAM
+grants take minutes to apply, and until then Pub/Sub answers PermissionDenied
+(or NotFound for a topic not yet visible); exiting would only crash-loop the
+revision. Meanwhile liveness (``/health``) answers 200, so the startup and
+liveness probes let the instance live; readiness (``/ready``) answers 503, and
+Socket.IO connections are refused with 503 and ``Retry-After`` (a client
+connected before the subscriptions exist would miss the other instances'
+emits; clients retry by themselves). Past the bound the instance gives up:
+``/health`` answers 503 and ``on_fatal`` is called (``python -m
+socket_service`` stops with exit status 1, and Cloud Run starts a new one).
+
+Once subscribed, the instance keeps a heartbeat in Firestore and deletes the
+subscriptions that stopped instances left behind (chatcore/instances.py).
+
+Shutdown (SIGTERM) marks the instance not ready, disconnects its clients so
+they reconnect elsewhere, and deletes the subscriptions, then its heartbeat,
+all within SHUTDOWN_GRACE_SECONDS even when the backends are unreachable (what
+does not fit is abandoned, with a WARNING).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from datetime import timedelta
 
 import socketio
@@ -22,7 +42,10 @@ from chatcore import protocol, runtime_tuning, topology
 from chatcore.ai_requests import AiRequest
 from chatcore.async_pubsub_manager import AsyncGooglePubSubManager
 from chatcore.auth import TokenVerifier
+from chatcore.errors import Unavailable
+from chatcore.instances import InstanceRegistry, sweep_abandoned
 from chatcore.publisher import Publisher
+from chatcore.pubsub_rpc import backoff
 from chatcore.replies import ABANDONED, ReplyStore
 from chatcore.signing import UrlSigner
 from chatcore.store import ChatStore
@@ -97,6 +120,29 @@ class AiRequestPublisher:
 
 # Left for on_cleanup (closing the Firestore client) when the bus closes at the deadline.
 CLEANUP_RESERVE_SECONDS = 0.5
+# Left for deleting the heartbeat once the subscriptions are gone.
+HEARTBEAT_RESERVE_SECONDS = 0.5
+# Subscribing at start-up: waits between attempts double from this, jittered, up to the maximum.
+BUS_STARTUP_INITIAL_BACKOFF = 1.0
+BUS_STARTUP_MAX_BACKOFF = 30.0
+# Start-up waits this long at most for the first attempt to subscribe before the port opens: usually it
+# succeeds at once, and the instance serves subscribed from the start; a refusal (or a hang) goes on in the
+# background while the port serves. Well below Cloud Run's startup probe (60 s in infra/terraform/run.tf).
+BUS_FIRST_ATTEMPT_SECONDS = 10.0
+# The sweep of stopped instances' subscriptions at start-up takes at most this long.
+INSTANCE_SWEEP_SECONDS = 60.0
+
+
+def bus_gate_middleware(state: dict):
+    """Socket.IO requests get 503 (``unavailable``, ``Retry-After``) until the bus is subscribed."""
+
+    @web.middleware
+    async def middleware(request: web.Request, handler):
+        if not state.get("bus_subscribed") and request.path.startswith("/socket.io"):
+            raise Unavailable("this instance is not connected to the room bus yet; retry shortly", retry_after=2)
+        return await handler(request)
+
+    return middleware
 
 
 async def _within(awaitable, seconds: float, what: str) -> None:
@@ -111,11 +157,14 @@ async def _within(awaitable, seconds: float, what: str) -> None:
 
 def create_app(settings: Settings, *, firestore_client=None, publisher=None, subscriber=None,
                verifier: TokenVerifier | None = None, storage_client=None,
-               signer: UrlSigner | None = None) -> web.Application:
+               signer: UrlSigner | None = None, on_fatal: Callable[[], None] | None = None) -> web.Application:
+    """The service. ``on_fatal`` is called if the bus cannot be subscribed within BUS_STARTUP_RETRY_SECONDS."""
     topo = topology.load()
     db = firestore_client or firestore.AsyncClient(project=settings.gcp.project_id,
                                                    database=settings.gcp.firestore_database)
     store = ChatStore(db)
+    # Every publish goes to one region's endpoint when PUBSUB_REGION is set (ordering keys need one region).
+    publisher = publisher or Publisher(client_options=settings.gcp.pubsub_client_options)
     bus = AsyncGooglePubSubManager(
         settings.gcp.project_id, topo.chat_events_topic, subscription=topo.instance_subscription,
         pack_window=settings.bus_pack_window_ms / 1000, publisher=publisher, subscriber=subscriber,
@@ -133,14 +182,16 @@ def create_app(settings: Settings, *, firestore_client=None, publisher=None, sub
                                      store, sio)
     sio.register_namespace(ChatNamespace(settings, store, verifier, ai_requests))
 
+    state = {"bus": bus, "shutting_down": False, "bus_subscribed": False, "bus_status": "not subscribed yet"}
     app = web.Application(middlewares=[security_headers_middleware(security_headers(settings)),
                                        http_api.cors_middleware(settings.cors_allowed_origins),
-                                       http_api.error_middleware], client_max_size=1024 * 1024)
+                                       http_api.error_middleware, bus_gate_middleware(state)],
+                          client_max_size=1024 * 1024)
     app[http_api.SETTINGS] = settings
     app[http_api.STORE] = store
     app[http_api.VERIFIER] = verifier
     app[http_api.SIO] = sio
-    app[http_api.STATE] = {"bus": bus, "shutting_down": False}
+    app[http_api.STATE] = state
     # Files: signed download URLs in the history, and deletion with the conversation.
     app[http_api.STORAGE] = storage_client or storage.Client(project=settings.gcp.project_id)
     app[http_api.SIGNER] = signer or UrlSigner(settings.signing, settings.uploads_bucket)
@@ -149,28 +200,86 @@ def create_app(settings: Settings, *, firestore_client=None, publisher=None, sub
     add_ui_routes(app, settings)
 
     replies = ReplyStore(store)
+    registry = InstanceRegistry(db, bus.host_id)
 
     async def sweep_stale_replies() -> None:
-        """Fail replies abandoned by a crashed worker, so no client waits forever."""
+        """Fail replies abandoned by a crashed worker, or never picked up, so no client waits forever."""
         stale_after = timedelta(seconds=settings.reply_stale_seconds)
+        pending_after = timedelta(seconds=settings.reply_pending_stale_seconds)
         while True:
             await asyncio.sleep(settings.reply_sweep_seconds)
             try:
-                for reply in await replies.fail_stale(stale_after):
-                    logger.warning("reply %s had no heartbeat for %ss; marked failed", reply.id,
-                                   settings.reply_stale_seconds)
+                for reply in await replies.fail_stale(stale_after, pending_after):
+                    if reply.status == protocol.PENDING:
+                        logger.warning("reply %s was not picked up by the AI function within %ss; marked failed",
+                                       reply.id, settings.reply_pending_stale_seconds)
+                    else:
+                        logger.warning("reply %s had no heartbeat for %ss; marked failed", reply.id,
+                                       settings.reply_stale_seconds)
                     await sio.emit(protocol.AI_RESPONSE_ERROR, protocol.ai_error_payload(
                         reply.conversation_id, reply.id, ABANDONED["code"], ABANDONED["message"]),
                         room=protocol.conversation_room(reply.conversation_id))
             except Exception:
                 logger.exception("stale reply sweep failed; will retry")
 
+    async def subscribe(first_attempt: asyncio.Event) -> None:
+        """Heartbeat, then this instance's subscriptions; retried while refused, up to BUS_STARTUP_RETRY_SECONDS."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + settings.bus_startup_retry_seconds
+        attempt = 0
+        while True:
+            try:
+                # The heartbeat first: a peer that can see the subscriptions can see it (instances.py).
+                await registry.beat()
+                await bus.start()
+                break
+            except Exception as exc:
+                first_attempt.set()
+                attempt += 1
+                state["bus_status"] = f"not subscribed yet (attempt {attempt}: {type(exc).__name__})"
+                left = deadline - loop.time()
+                if left <= 0:
+                    state["bus_failed"] = True
+                    logger.error("room bus: could not subscribe within BUS_STARTUP_RETRY_SECONDS (%gs, %d attempts), "
+                                 "giving up: %s: %s", settings.bus_startup_retry_seconds, attempt,
+                                 type(exc).__name__, exc)
+                    if on_fatal is not None:
+                        on_fatal()
+                    return
+                delay = min(left, backoff(attempt - 1, BUS_STARTUP_INITIAL_BACKOFF, BUS_STARTUP_MAX_BACKOFF))
+                logger.warning("room bus: could not subscribe (attempt %d: %s: %s); retrying in %.1fs, for %.0fs "
+                               "more (a new deployment's IAM grants can take minutes to apply)", attempt,
+                               type(exc).__name__, str(exc).splitlines()[0][:300] if str(exc) else "", delay, left)
+                await asyncio.sleep(delay)
+        state["bus_subscribed"], state["bus_status"] = True, "ok"
+        first_attempt.set()
+        logger.info("room bus subscribed (subscription %s) after %d refused attempts", bus.transport.subscription_path,
+                    attempt)
+        state["heartbeat"] = asyncio.create_task(keep_heartbeat())
+        state["instance_sweep"] = asyncio.create_task(sweep_abandoned(
+            bus.transport, registry, timedelta(seconds=settings.instance_stale_seconds), INSTANCE_SWEEP_SECONDS))
+
+    async def keep_heartbeat() -> None:
+        while True:
+            await asyncio.sleep(settings.instance_heartbeat_seconds)
+            try:
+                await registry.beat(timeout=min(10.0, settings.instance_heartbeat_seconds))
+            except Exception as exc:
+                logger.warning("instance heartbeat not written: %s: %s", type(exc).__name__, exc)
+
     async def on_startup(app: web.Application) -> None:
-        await bus.start()
-        app[http_api.STATE]["sweeper"] = asyncio.create_task(sweep_stale_replies())
+        # The port opens once the first attempt is over (or after BUS_FIRST_ATTEMPT_SECONDS): subscribed
+        # as a rule; if refused, serving liveness while the retries go on in the background.
+        first_attempt = asyncio.Event()
+        state["subscribing"] = asyncio.create_task(subscribe(first_attempt))
+        try:
+            await asyncio.wait_for(first_attempt.wait(), BUS_FIRST_ATTEMPT_SECONDS)
+        except TimeoutError:
+            logger.warning("room bus: no answer to the first subscription attempt within %gs; serving meanwhile "
+                           "(not ready)", BUS_FIRST_ATTEMPT_SECONDS)
+        state["sweeper"] = asyncio.create_task(sweep_stale_replies())
         runtime_tuning.tune(settings.gc_tuning)
-        logger.info("socket service ready on %s:%s (subscription %s)", settings.host, settings.port,
-                    bus.transport.subscription_path)
+        logger.info("socket service ready on %s:%s (bus: %s)", settings.host, settings.port, state["bus_status"])
 
     async def on_shutdown(app: web.Application) -> None:
         # Every step shares one deadline, SHUTDOWN_GRACE_SECONDS after SIGTERM,
@@ -184,10 +293,11 @@ def create_app(settings: Settings, *, firestore_client=None, publisher=None, sub
         def left() -> float:
             return max(0.0, deadline - loop.time())
 
-        app[http_api.STATE]["shutting_down"] = True
-        sweeper = app[http_api.STATE].get("sweeper")
-        if sweeper is not None:
-            sweeper.cancel()
+        state["shutting_down"] = True
+        for name in ("subscribing", "sweeper", "heartbeat", "instance_sweep"):
+            task = state.get(name)
+            if task is not None:
+                task.cancel()
         sids = [sid for sid, _ in bus.get_participants("/", None)]
         logger.info("shutting down: disconnecting %d clients", len(sids))
         # ignore_queue: these clients are ours; telling the bus would cost one
@@ -197,8 +307,13 @@ def create_app(settings: Settings, *, firestore_client=None, publisher=None, sub
         await _within(sio.shutdown(), min(grace / 4, left()), "closing the Socket.IO server")
         # Requests of messages already stored: a lost one leaves its reply pending until the stale sweep.
         await _within(ai_requests.drain(), min(grace / 4, left()), "publishing AI requests")
-        # The bus gets the rest, less a moment for on_cleanup.
-        await bus.close(timeout=max(0.0, left() - CLEANUP_RESERVE_SECONDS))
+        # The bus gets the rest, less a moment for the heartbeat and for on_cleanup.
+        gone = await bus.close(timeout=max(0.0, left() - CLEANUP_RESERVE_SECONDS - HEARTBEAT_RESERVE_SECONDS))
+        if gone:
+            # Only once the subscriptions are gone: a heartbeat left behind (stale soon) lets the next
+            # instance that starts delete what this one could not (chatcore/instances.py).
+            await _within(registry.forget(timeout=max(0.1, left() - CLEANUP_RESERVE_SECONDS)),
+                          max(0.0, left() - CLEANUP_RESERVE_SECONDS), "removing the instance heartbeat")
 
     async def on_cleanup(app: web.Application) -> None:
         db.close()

@@ -42,7 +42,7 @@ USER_LIMITS = web.AppKey("user_limits", UserBuckets)  # the HTTP API's per-user 
 
 MAX_JSON_BODY = 64 * 1024
 READY_CHECK_SECONDS = 2.5
-# /readyz is public: its answer is reused this long, so probes cannot multiply backend calls.
+# Readiness is public: its answer is reused this long, so probes cannot multiply backend calls.
 READY_CACHE_SECONDS = 1.0
 
 
@@ -167,7 +167,17 @@ def conversation_id(request: web.Request) -> str:
 
 
 # -- health ---------------------------------------------------------------
+# Liveness and readiness. Cloud Run's frontend answers some paths ending in "z" itself
+# (``/healthz`` gets Google's 404, never reaching the service), so the paths to use are
+# ``/health`` and ``/ready``; ``/healthz`` and ``/readyz`` stay as aliases for local tools.
+HEALTH_PATHS = ("/health", "/healthz")
+READY_PATHS = ("/ready", "/readyz")
+
+
 async def healthz(request: web.Request) -> web.Response:
+    """Liveness: 200 while the process can serve, also while it waits for its bus subscriptions."""
+    if request.app[STATE].get("bus_failed"):
+        return web.json_response({"status": "bus failed to start"}, status=503)
     return web.json_response({"status": "ok"})
 
 
@@ -214,6 +224,9 @@ async def backend_checks(app: web.Application) -> dict[str, str]:
     except Exception as exc:  # any failure means not ready; say which
         checks["firestore"] = f"unreachable: {type(exc).__name__}"
     bus = app[STATE]["bus"]
+    if not app[STATE].get("bus_subscribed", True):
+        checks["bus"] = app[STATE].get("bus_status") or "not subscribed yet"  # still retrying at start-up
+        return checks
     try:
         await asyncio.wait_for(bus.check(), READY_CHECK_SECONDS)
         checks["bus"] = "ok" if bus.healthy else "not listening"
@@ -354,8 +367,10 @@ async def list_messages(request: web.Request) -> web.Response:
 def add_routes(app: web.Application, settings: Settings) -> None:
     app[USER_LIMITS] = UserBuckets(settings.http_requests_per_second, settings.http_request_burst)
     app[READINESS] = CachedCheck(lambda: backend_checks(app), READY_CACHE_SECONDS)
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", readyz)
+    for path in HEALTH_PATHS:
+        app.router.add_get(path, healthz)
+    for path in READY_PATHS:
+        app.router.add_get(path, readyz)
     app.router.add_get("/config.json", config_json)
     if settings.dev_tokens:
         app.router.add_post("/api/dev/token", dev_token)

@@ -69,7 +69,11 @@ class Settings:
     ai_window_seconds: int
     ai_max_reply_seconds: int
     reply_stale_seconds: int
+    reply_pending_stale_seconds: int
     reply_sweep_seconds: float
+    bus_startup_retry_seconds: float
+    instance_heartbeat_seconds: float
+    instance_stale_seconds: float
     shutdown_grace_seconds: float
     request_deadline_seconds: float
     upload_stall_seconds: float
@@ -82,10 +86,14 @@ class Settings:
 
     @property
     def quota(self) -> QuotaPolicy:
-        # A reply older than its maximum duration no longer holds a slot.
+        # A reply no longer holds a slot once it is older than its longest legitimate life: pending until
+        # the pending sweep, then streaming for its maximum duration, then silent until the stale sweep.
+        # Every end of a reply (the sweeps included) frees its slot before that; this bound only covers a
+        # release that was lost.
         return QuotaPolicy(max_concurrent=self.ai_max_concurrent_per_user,
                            messages_per_window=self.ai_messages_per_window, window_seconds=self.ai_window_seconds,
-                           stale_after=timedelta(seconds=self.ai_max_reply_seconds + self.reply_stale_seconds))
+                           stale_after=timedelta(seconds=self.reply_pending_stale_seconds + self.ai_max_reply_seconds
+                                                 + self.reply_stale_seconds))
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides) -> Settings:
@@ -129,7 +137,14 @@ class Settings:
             ai_window_seconds=env_int(env, "AI_WINDOW_SECONDS", 60, minimum=1),
             ai_max_reply_seconds=env_int(env, "AI_MAX_REPLY_SECONDS", 300, minimum=5),
             reply_stale_seconds=env_int(env, "REPLY_STALE_SECONDS", 60, minimum=2),
+            # A pending reply waits for its AI request's delivery: push retries back off up to 600 s,
+            # and the function may cold-start; 15 minutes covers both.
+            reply_pending_stale_seconds=env_int(env, "REPLY_PENDING_STALE_SECONDS", 900, minimum=2),
             reply_sweep_seconds=env_float(env, "REPLY_SWEEP_SECONDS", 10.0, minimum=0.5),
+            # IAM grants of a fresh deployment take minutes to apply: subscribing is retried this long.
+            bus_startup_retry_seconds=env_float(env, "BUS_STARTUP_RETRY_SECONDS", 300.0, minimum=0, maximum=3600),
+            instance_heartbeat_seconds=env_float(env, "INSTANCE_HEARTBEAT_SECONDS", 60.0, minimum=1, maximum=3600),
+            instance_stale_seconds=env_float(env, "INSTANCE_STALE_SECONDS", 600.0, minimum=3, maximum=86400),
             shutdown_grace_seconds=env_float(env, "SHUTDOWN_GRACE_SECONDS", 8.0, minimum=0, maximum=60),
             request_deadline_seconds=env_float(env, "REQUEST_DEADLINE_SECONDS", 10.0, minimum=0.5, maximum=60),
             upload_stall_seconds=env_float(env, "UPLOAD_STALL_SECONDS", 30.0, minimum=1, maximum=600),
@@ -156,6 +171,12 @@ class Settings:
                               f"not {unframing}")
         if self.dev_tokens and not any(a in HMAC_ALGORITHMS for a in self.auth.algorithms):
             raise ConfigError("DEV_TOKENS needs an HS* algorithm in JWT_ALGORITHMS and a JWT_SECRET")
+        if self.reply_pending_stale_seconds < self.reply_stale_seconds:
+            raise ConfigError("REPLY_PENDING_STALE_SECONDS must be at least REPLY_STALE_SECONDS (a pending reply "
+                              "waits for its request's delivery, which takes longer than a heartbeat)")
+        if self.instance_stale_seconds < 3 * self.instance_heartbeat_seconds:
+            raise ConfigError("INSTANCE_STALE_SECONDS must be at least 3 x INSTANCE_HEARTBEAT_SECONDS: a live "
+                              "instance that missed one heartbeat must not look stopped")
         parsed = urlparse(self.upload_url)
         if parsed.scheme not in ("http", "https") or not parsed.netloc:
             raise ConfigError("UPLOAD_URL must be an absolute http(s) URL")

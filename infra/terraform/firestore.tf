@@ -2,10 +2,17 @@
 # field of pending uploads, and security rules that deny all direct client
 # access (only the backend, through IAM, reads and writes).
 
+locals {
+  # On the region's continent (variables.tf validates a given one): the
+  # multi-region nam5 for us-* regions, eur3 for europe-* regions, the region
+  # itself elsewhere (https://cloud.google.com/firestore/docs/locations).
+  firestore_location = coalesce(var.firestore_location, startswith(var.region, "us-") ? "nam5" : startswith(var.region, "europe-") ? "eur3" : var.region)
+}
+
 resource "google_firestore_database" "main" {
   project     = var.project_id
   name        = var.firestore_database
-  location_id = var.firestore_location
+  location_id = local.firestore_location
   type        = "FIRESTORE_NATIVE"
 
   # Server client libraries' transactions (claiming replies, quotas, uploads).
@@ -14,6 +21,13 @@ resource "google_firestore_database" "main" {
   point_in_time_recovery_enablement = "POINT_IN_TIME_RECOVERY_ENABLED"
   delete_protection_state           = var.deletion_protection ? "DELETE_PROTECTION_ENABLED" : "DELETE_PROTECTION_DISABLED"
   deletion_policy                   = var.deletion_protection ? "ABANDON" : "DELETE"
+
+  lifecycle {
+    # A database's location cannot change; a new value (say a deployment made
+    # when the default was nam5 whatever the region) must never plan its
+    # replacement, which would lose every conversation.
+    ignore_changes = [location_id]
+  }
 
   depends_on = [google_project_service.apis]
 }

@@ -12,7 +12,8 @@
 #                                 uploads; Vertex AI; model API key secrets if configured
 #   push-invoker    chat-push     invoke the two push-fed functions (OIDC identity
 #                                 of the push subscriptions), nothing else
-#   function builds chat-fn-build builds the functions' images (Cloud Build)
+#   builds          chat-fn-build builds the functions' images and the socket service's
+#                                 image (Cloud Build, as a user-specified build account)
 
 resource "google_service_account" "socket" {
   project      = var.project_id
@@ -41,7 +42,10 @@ resource "google_service_account" "push_invoker" {
 resource "google_service_account" "functions_build" {
   project      = var.project_id
   account_id   = "chat-fn-build"
-  display_name = "Builds of the chat functions"
+  display_name = "Builds of the chat functions and of the socket service image"
+
+  # Bootstrapped with the APIs (deploy/settings.py BOOTSTRAP_TARGETS): the IAM API first.
+  depends_on = [google_project_service.apis]
 }
 
 # -- Firestore: no finer role than datastore.user exists for data access. -----
@@ -98,21 +102,27 @@ resource "google_pubsub_topic_iam_member" "publishers" {
 #   - roles/pubsub.viewer on the chat-events topic: topics.get, used by /readyz;
 #   - a custom project role with exactly subscriptions.create, .get, .consume
 #     and .delete (no update, no topic or snapshot permissions).
-# What remains broader than ideal: consume/delete apply to every subscription
-# of the project (including the push and dead-letter ones). IAM conditions on
-# resource.name are not available for Pub/Sub, so a name-prefix condition
+# What remains broader than ideal: list/consume/delete apply to every
+# subscription of the project (including the push and dead-letter ones). IAM
+# conditions on resource.name are not available for Pub/Sub
+# (https://cloud.google.com/iam/docs/conditions-resource-attributes lists the
+# services that recognise resource attributes; pubsub.googleapis.com is not
+# one of them: such a condition never matches), so a name-prefix condition
 # cannot narrow them; a dedicated project, or an IAM deny policy on the
 # static subscriptions, would.
 resource "google_project_iam_custom_role" "instance_subscriptions" {
   project     = var.project_id
   role_id     = "chatInstanceSubscriptions"
   title       = "Chat socket service: its own room-bus subscriptions"
-  description = "Create, read, pull from and delete the per-instance subscriptions of the socket service (attaching them needs topics.attachSubscription, granted on chat-events and chat-events-functions only)."
+  description = "Create, read, list, pull from and delete the per-instance subscriptions of the socket service (attaching them needs topics.attachSubscription, granted on chat-events and chat-events-functions only)."
+  # list: at start-up an instance deletes the subscriptions of instances that
+  # died without their SIGTERM (the 24 h expiration policy would, later).
   permissions = [
     "pubsub.subscriptions.consume",
     "pubsub.subscriptions.create",
     "pubsub.subscriptions.delete",
     "pubsub.subscriptions.get",
+    "pubsub.subscriptions.list",
   ]
 }
 
@@ -122,25 +132,35 @@ resource "google_project_iam_member" "socket_instance_subscriptions" {
   member  = google_service_account.socket.member
 }
 
-resource "google_pubsub_topic_iam_member" "socket_attach_chat_events" {
+# subscriber on the two room-bus topics (attaching the per-instance
+# subscriptions), viewer on chat-events (topics.get, for /readyz).
+resource "google_pubsub_topic_iam_member" "socket_bus" {
+  for_each = {
+    attach_chat_events     = { topic = local.topology.topics.chat_events, role = "roles/pubsub.subscriber" }
+    attach_function_events = { topic = local.topology.topics.function_events, role = "roles/pubsub.subscriber" }
+    view_chat_events       = { topic = local.topology.topics.chat_events, role = "roles/pubsub.viewer" }
+  }
+
   project = var.project_id
-  topic   = google_pubsub_topic.topics[local.topology.topics.chat_events].name
-  role    = "roles/pubsub.subscriber"
+  topic   = google_pubsub_topic.topics[each.value.topic].name
+  role    = each.value.role
   member  = google_service_account.socket.member
 }
 
-resource "google_pubsub_topic_iam_member" "socket_attach_function_events" {
-  project = var.project_id
-  topic   = google_pubsub_topic.topics[local.topology.topics.function_events].name
-  role    = "roles/pubsub.subscriber"
-  member  = google_service_account.socket.member
+# Addresses before the three grants became one for_each (existing deployments keep them).
+moved {
+  from = google_pubsub_topic_iam_member.socket_attach_chat_events
+  to   = google_pubsub_topic_iam_member.socket_bus["attach_chat_events"]
 }
 
-resource "google_pubsub_topic_iam_member" "socket_view_chat_events" {
-  project = var.project_id
-  topic   = google_pubsub_topic.topics[local.topology.topics.chat_events].name
-  role    = "roles/pubsub.viewer"
-  member  = google_service_account.socket.member
+moved {
+  from = google_pubsub_topic_iam_member.socket_attach_function_events
+  to   = google_pubsub_topic_iam_member.socket_bus["attach_function_events"]
+}
+
+moved {
+  from = google_pubsub_topic_iam_member.socket_view_chat_events
+  to   = google_pubsub_topic_iam_member.socket_bus["view_chat_events"]
 }
 
 # -- Cloud Storage: on the uploads bucket only. --------------------------------
@@ -197,7 +217,12 @@ resource "google_project_iam_member" "ai_stream_vertex" {
   member  = google_service_account.ai_stream.member
 }
 
-# -- Function builds (Cloud Build with a dedicated account). ------------------
+# -- Builds (Cloud Build with a dedicated account). ----------------------------
+# chat-fn-build builds the functions (build_config.service_account) and the
+# socket service's image (`python -m deploy apply`, gcloud builds submit
+# --service-account, logs to Cloud Logging only, source staged under
+# cloudbuild/ in the function sources bucket). These grants and the account are
+# bootstrapped before the image build (deploy/settings.py BOOTSTRAP_TARGETS).
 resource "google_project_iam_member" "functions_build_logs" {
   project = var.project_id
   role    = "roles/logging.logWriter"
@@ -218,10 +243,41 @@ resource "google_storage_bucket_iam_member" "functions_build_sources" {
   member = google_service_account.functions_build.member
 }
 
+# A gen2 function's build does not read our sources bucket: Cloud Functions
+# copies the archive into Google's bucket gcf-v2-sources-<project number>-<region>
+# and the build fetches it from there, as this account ("Access to bucket
+# gcf-v2-sources-... denied. You must grant Storage Object Viewer permission to
+# ..." otherwise). That bucket is created by the first function deploy, so no
+# bucket-level grant can precede it: the grant is on the project, limited to
+# that bucket (and its objects) by an IAM condition on resource.name, which
+# Cloud Storage supports.
+resource "google_project_iam_member" "functions_build_gcf_sources" {
+  project = var.project_id
+  role    = "roles/storage.objectViewer"
+  member  = google_service_account.functions_build.member
+
+  condition {
+    title       = "gcf-v2-sources bucket only"
+    description = "Read the function sources Cloud Functions copies to gcf-v2-sources-<project number>-<region>."
+    expression  = "resource.name.startsWith(\"projects/_/buckets/gcf-v2-sources-${data.google_project.this.number}-${var.region}\")"
+  }
+}
+
 # -- Invoking the functions. --------------------------------------------------
 # 2nd-gen functions are Cloud Run services: invocation is run.invoker on the
 # service. The push-fed ones accept only the push subscriptions' account;
-# request_upload is public (browsers call it; it checks the JWT itself).
+# request_upload is public (browsers call it; it checks the JWT itself), like
+# the socket service. How they are public is var.public_access:
+#   invoker_iam_disabled (default): Cloud Run's invoker IAM check is off
+#     (invoker_iam_disabled on the socket service, run.tf; on request-upload, a
+#     gen2 function without that argument, `python -m deploy apply` runs
+#     `gcloud run services update request-upload --no-invoker-iam-check` after
+#     every apply and reads it back). Works under domain-restricted sharing;
+#     refused where constraints/run.managed.requireInvokerIam is enforced.
+#   allUsers: roles/run.invoker for allUsers, below. Refused under
+#     domain-restricted sharing (iam.allowedPolicyMemberDomains, enforced by
+#     default in organizations created since May 3, 2024): "One or more users
+#     named in the policy do not belong to a permitted customer."
 resource "google_cloud_run_v2_service_iam_member" "push_invoker" {
   for_each = local.push_functions
 
@@ -235,9 +291,11 @@ resource "google_cloud_run_v2_service_iam_member" "push_invoker" {
 resource "google_cloud_run_v2_service_iam_member" "request_upload_public" {
   # Public on purpose: browsers call it from the chat page; every request is
   # authenticated in code by its JWT (chatcore.auth), CORS names only our origins.
+  count = var.public_access == "allUsers" ? 1 : 0
+
   project  = var.project_id
   location = var.region
-  name     = google_cloudfunctions2_function.request_upload.name
+  name     = google_cloudfunctions2_function.functions["request_upload"].name
   role     = "roles/run.invoker"
   member   = "allUsers"
 }
@@ -245,9 +303,60 @@ resource "google_cloud_run_v2_service_iam_member" "request_upload_public" {
 resource "google_cloud_run_v2_service_iam_member" "socket_public" {
   # Public on purpose: the chat endpoint browsers connect to; every Socket.IO
   # connection and API call is authenticated in code by its JWT.
+  count = var.public_access == "allUsers" ? 1 : 0
+
   project  = var.project_id
   location = google_cloud_run_v2_service.socket.location
   name     = google_cloud_run_v2_service.socket.name
   role     = "roles/run.invoker"
   member   = "allUsers"
+}
+
+# -- Waiting for new grants to take effect. -----------------------------------
+# IAM changes take effect eventually: "typically 2 minutes, potentially 7
+# minutes or longer" (https://cloud.google.com/iam/docs/access-change-propagation).
+# A function build or a revision started seconds after its grants fails
+# (e.g. "Access to bucket gcf-v2-sources-... denied"). Each terraform_data
+# below sleeps once when the grants it lists are created or change
+# (triggers_replace), not on every apply; what runs with those grants
+# depends on it. No provider beyond Terraform's own (local-exec needs `sh` and
+# `sleep`: Cloud Shell, Linux, macOS, the Cloud Build images of cloudbuild.yaml).
+# Grants made on the deployables themselves (the push subscriptions' invoker,
+# the allUsers mode) cannot precede them; Pub/Sub retries pushes meanwhile.
+
+# The build account's grants: bootstrapped (deploy/settings.py) before the
+# socket service's image is built, and before any function build.
+resource "terraform_data" "build_iam_settle" {
+  triggers_replace = {
+    logs        = google_project_iam_member.functions_build_logs.id
+    registry    = google_artifact_registry_repository_iam_member.functions_build_push.id
+    sources     = google_storage_bucket_iam_member.functions_build_sources.id
+    gcf_sources = google_project_iam_member.functions_build_gcf_sources.id
+  }
+
+  provisioner "local-exec" {
+    command = "echo 'New IAM grants for the build account: waiting ${var.iam_settle_seconds} s for them to take effect (docs/DEPLOY.md)'; sleep ${var.iam_settle_seconds}"
+  }
+}
+
+# The runtime accounts' grants: before the socket service and the functions start.
+resource "terraform_data" "iam_settle" {
+  triggers_replace = {
+    firestore_user                = [for g in google_project_iam_member.firestore_user : g.id]
+    publishers                    = [for g in google_pubsub_topic_iam_member.publishers : g.id]
+    socket_instance_subscriptions = google_project_iam_member.socket_instance_subscriptions.id
+    socket_bus                    = [for g in google_pubsub_topic_iam_member.socket_bus : g.id]
+    uploads                       = [for g in google_storage_bucket_iam_member.uploads : g.id]
+    self_sign                     = [for g in google_service_account_iam_member.self_sign : g.id]
+    ai_stream_vertex              = google_project_iam_member.ai_stream_vertex.id
+    jwt_reader                    = [for g in google_secret_manager_secret_iam_member.jwt_reader : g.id]
+    model_key_reader              = [for g in google_secret_manager_secret_iam_member.model_key_reader : g.id]
+    storage_agent_publisher       = google_pubsub_topic_iam_member.storage_agent_publisher.id
+    dead_letter_publisher         = [for g in google_pubsub_topic_iam_member.dead_letter_publisher : g.id]
+    pubsub_agent_token_creator    = google_service_account_iam_member.pubsub_agent_token_creator.id
+  }
+
+  provisioner "local-exec" {
+    command = "echo 'New IAM grants: waiting ${var.iam_settle_seconds} s for them to take effect (docs/DEPLOY.md)'; sleep ${var.iam_settle_seconds}"
+  }
 }

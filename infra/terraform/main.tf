@@ -4,14 +4,24 @@
 # pubsub.tf, storage.tf, firestore.tf, secrets.tf, registry.tf, run.tf,
 # functions.tf, iam.tf, monitoring.tf.
 
+# user_project_override + billing_project: every API call names this project as
+# its quota project. The Firebase Rules API (firestore.tf) refuses user
+# credentials from `gcloud auth application-default login` without one ("Your
+# application has authenticated using end user credentials ... which are not
+# supported by the firebaserules.googleapis.com"); the caller then needs
+# serviceusage.services.use on the project (Owner, or roles/serviceusage.serviceUsageAdmin).
 provider "google" {
-  project = var.project_id
-  region  = var.region
+  project               = var.project_id
+  region                = var.region
+  user_project_override = true
+  billing_project       = var.project_id
 }
 
 provider "google-beta" {
-  project = var.project_id
-  region  = var.region
+  project               = var.project_id
+  region                = var.region
+  user_project_override = true
+  billing_project       = var.project_id
 }
 
 locals {

@@ -1,7 +1,8 @@
 # Alerts: messages waiting in a dead-letter subscription (a function failed
 # them max_delivery_attempts times), and replies stuck in streaming (the
 # socket service's sweeper found no heartbeat: socket_service/app.py logs
-# "reply <id> had no heartbeat for <n>s; marked failed" at WARNING).
+# "reply <id> had no heartbeat for <n>s; marked failed" at WARNING; each such
+# log entry matches the alert below).
 
 resource "google_monitoring_notification_channel" "email" {
   for_each = toset(var.alert_emails)
@@ -49,19 +50,12 @@ resource "google_monitoring_alert_policy" "dead_letters" {
   notification_channels = [for c in google_monitoring_notification_channel.email : c.id]
 }
 
-resource "google_logging_metric" "stale_replies" {
-  project = var.project_id
-  name    = "chat/stale_replies"
-  filter  = "resource.type = \"cloud_run_revision\" AND resource.labels.service_name = \"${google_cloud_run_v2_service.socket.name}\" AND severity = \"WARNING\" AND jsonPayload.message =~ \"had no heartbeat\""
-
-  metric_descriptor {
-    metric_kind  = "DELTA"
-    value_type   = "INT64"
-    unit         = "1"
-    display_name = "Chat replies failed for lack of heartbeat"
-  }
-
-  depends_on = [google_project_service.apis]
+# A log-match alert on the sweeper's warning, not a log-based metric: an alert
+# on a metric created in the same apply fails for minutes ("Error 404: Cannot
+# find metric(s) that match type ... If a metric was created recently, it could
+# take up to 10 minutes to become available").
+locals {
+  stale_replies_log_filter = "resource.type = \"cloud_run_revision\" AND resource.labels.service_name = \"${google_cloud_run_v2_service.socket.name}\" AND severity = \"WARNING\" AND jsonPayload.message =~ \"had no heartbeat\""
 }
 
 resource "google_monitoring_alert_policy" "stale_replies" {
@@ -71,16 +65,8 @@ resource "google_monitoring_alert_policy" "stale_replies" {
 
   conditions {
     display_name = "replies failed by the stale-reply sweeper"
-    condition_threshold {
-      filter          = "resource.type = \"cloud_run_revision\" AND metric.type = \"logging.googleapis.com/user/${google_logging_metric.stale_replies.name}\""
-      comparison      = "COMPARISON_GT"
-      threshold_value = 0
-      duration        = "0s"
-      aggregations {
-        alignment_period     = "300s"
-        per_series_aligner   = "ALIGN_SUM"
-        cross_series_reducer = "REDUCE_SUM"
-      }
+    condition_matched_log {
+      filter = local.stale_replies_log_filter
     }
   }
 
@@ -89,9 +75,15 @@ resource "google_monitoring_alert_policy" "stale_replies" {
     content   = "The socket service failed AI replies whose worker stopped sending heartbeats (ai_stream crashed, timed out or was scaled in mid-reply). Look at the ai-stream function's logs and the ai-requests dead-letter subscription."
   }
 
+  # Required with a log-match condition: at most one notification per period.
   alert_strategy {
-    auto_close = "86400s"
+    notification_rate_limit {
+      period = "300s"
+    }
+    auto_close = "1800s"
   }
 
   notification_channels = [for c in google_monitoring_notification_channel.email : c.id]
+
+  depends_on = [google_project_service.apis]
 }

@@ -10,7 +10,7 @@ output "service_url" {
 
 output "upload_url" {
   description = "Endpoint of request_upload (the socket service advertises it as upload_url in /config.json)."
-  value       = google_cloudfunctions2_function.request_upload.url
+  value       = google_cloudfunctions2_function.functions["request_upload"].url
 }
 
 output "uploads_bucket" {
@@ -31,6 +31,11 @@ output "artifact_registry" {
 output "jwt_secret" {
   description = "Secret Manager secret holding the HS* token secret (docs/DEPLOY.md: creating a user token)."
   value       = google_secret_manager_secret.jwt.secret_id
+}
+
+output "invoker_check_disabled_services" {
+  description = "Cloud Run services of gen2 functions whose invoker IAM check `python -m deploy apply` turns off after each apply (google_cloudfunctions2_function has no argument for it); empty with public_access = \"allUsers\"."
+  value       = var.public_access == "invoker_iam_disabled" ? [google_cloudfunctions2_function.functions["request_upload"].name] : []
 }
 
 output "dead_letter_subscriptions" {

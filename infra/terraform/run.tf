@@ -13,11 +13,14 @@ locals {
     # Browsers send Origin on the WebSocket handshake too, so the page's own
     # origin must be listed.
     CORS_ALLOWED_ORIGINS    = join(",", local.cors_origins)
-    UPLOAD_URL              = google_cloudfunctions2_function.request_upload.url
+    UPLOAD_URL              = google_cloudfunctions2_function.functions["request_upload"].url
     UPLOAD_BUCKET           = google_storage_bucket.uploads.name
     SIGNING_SERVICE_ACCOUNT = google_service_account.socket.email
     AI_PROVIDER             = var.ai_provider
     AI_MAX_REPLY_SECONDS    = var.ai_max_reply_seconds
+    # Publish through the regional endpoint: Pub/Sub orders an ordering key
+    # only among publishes made in one region.
+    PUBSUB_REGION = var.region
   }
   # Tunables: left out when null or empty, so the application default applies
   # (only variables here, so which ones are set is known at plan time).
@@ -52,6 +55,9 @@ resource "google_cloud_run_v2_service" "socket" {
   ingress             = "INGRESS_TRAFFIC_ALL"
   deletion_protection = var.deletion_protection
   labels              = local.labels
+  # Public without an allUsers binding (refused under domain-restricted
+  # sharing): every connection and API call checks its JWT (iam.tf, public_access).
+  invoker_iam_disabled = var.public_access == "invoker_iam_disabled"
 
   template {
     service_account       = google_service_account.socket.email
@@ -110,9 +116,11 @@ resource "google_cloud_run_v2_service" "socket" {
         }
       }
 
+      # /health, not /healthz: Cloud Run's frontend reserves some paths ending
+      # in z (a Google 404 page from outside; the local stack keeps /healthz).
       startup_probe {
         http_get {
-          path = "/healthz"
+          path = "/health"
         }
         period_seconds    = 2
         timeout_seconds   = 2
@@ -121,7 +129,7 @@ resource "google_cloud_run_v2_service" "socket" {
 
       liveness_probe {
         http_get {
-          path = "/healthz"
+          path = "/health"
         }
         period_seconds    = 30
         timeout_seconds   = 5
@@ -139,7 +147,8 @@ resource "google_cloud_run_v2_service" "socket" {
     google_project_service.apis,
     google_secret_manager_secret_iam_member.jwt_reader,
     google_project_iam_member.socket_instance_subscriptions,
-    google_pubsub_topic_iam_member.socket_attach_chat_events,
-    google_pubsub_topic_iam_member.socket_attach_function_events,
+    google_pubsub_topic_iam_member.socket_bus,
+    # ...and those grants have had time to take effect (iam.tf).
+    terraform_data.iam_settle,
   ]
 }

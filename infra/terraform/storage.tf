@@ -105,5 +105,18 @@ resource "google_storage_bucket" "function_sources" {
   public_access_prevention    = "enforced"
   force_destroy               = true
 
+  # `python -m deploy apply` stages the socket service's build source under
+  # cloudbuild/ (gcloud builds submit --gcs-source-staging-dir); a build reads
+  # it once.
+  lifecycle_rule {
+    condition {
+      age            = 7
+      matches_prefix = ["cloudbuild/"]
+    }
+    action {
+      type = "Delete"
+    }
+  }
+
   depends_on = [google_project_service.apis]
 }

@@ -50,8 +50,18 @@ variable "deletion_protection" {
 # -- Firestore ---------------------------------------------------------------
 variable "firestore_location" {
   type        = string
-  description = "Location of the Firestore database: a multi-region (nam5, eur3) or a region. Cannot change after creation."
-  default     = "nam5"
+  description = "Location of the Firestore database, on the region's continent: nam5 (multi-region) or the region itself for a us-* region, eur3 or the region for a europe-* region, the region otherwise. null (the default) picks nam5, eur3 or the region. Cannot change after creation (a later change is ignored)."
+  default     = null
+
+  # Same continent as Cloud Run and the functions: every transaction crosses
+  # the distance between them. (Terraform >= 1.9: a rule may name another variable.)
+  validation {
+    condition = contains(
+      startswith(var.region, "us-") ? ["nam5", var.region] : startswith(var.region, "europe-") ? ["eur3", var.region] : [var.region],
+      coalesce(var.firestore_location, var.region)
+    )
+    error_message = "firestore_location must fit region: nam5 or the region itself for a us-* region, eur3 or the region itself for a europe-* region, the region itself otherwise (or leave it null)."
+  }
 }
 
 variable "firestore_database" {
@@ -392,6 +402,17 @@ variable "ai_stream_max_instances" {
   default     = 20
 }
 
+variable "ai_stream_min_instances" {
+  type        = number
+  description = "Minimum instances of ai_stream kept warm (0 = scale to zero). 1 spares the first reply after an idle period a cold start, at the price of one idle 1 vCPU / 1 GiB instance all month (docs/DEPLOY.md, step 3)."
+  default     = 0
+
+  validation {
+    condition     = var.ai_stream_min_instances >= 0 && var.ai_stream_min_instances <= var.ai_stream_max_instances
+    error_message = "ai_stream_min_instances must be between 0 and ai_stream_max_instances."
+  }
+}
+
 variable "upload_concurrency" {
   type        = number
   description = "Concurrent requests per instance of each upload function (request concurrency and THREADS)."
@@ -417,6 +438,29 @@ variable "push_function_ingress" {
   validation {
     condition     = contains(["ALLOW_INTERNAL_ONLY", "ALLOW_ALL"], var.push_function_ingress)
     error_message = "push_function_ingress must be ALLOW_INTERNAL_ONLY or ALLOW_ALL."
+  }
+}
+
+# -- public access and IAM ---------------------------------------------------
+variable "public_access" {
+  type        = string
+  description = "How browsers reach the socket service and request_upload (both check the JWT themselves): invoker_iam_disabled turns Cloud Run's invoker IAM check off (works under domain-restricted sharing; refused where constraints/run.managed.requireInvokerIam is enforced); allUsers grants roles/run.invoker to allUsers (refused under domain-restricted sharing)."
+  default     = "invoker_iam_disabled"
+
+  validation {
+    condition     = contains(["invoker_iam_disabled", "allUsers"], var.public_access)
+    error_message = "public_access must be invoker_iam_disabled or allUsers."
+  }
+}
+
+variable "iam_settle_seconds" {
+  type        = number
+  description = "Seconds to wait after new IAM grants before what needs them is built or started (IAM changes take typically 2 minutes, sometimes 7 or more, to take effect). Only waited when grants are created or change."
+  default     = 90
+
+  validation {
+    condition     = var.iam_settle_seconds >= 0 && var.iam_settle_seconds <= 600
+    error_message = "iam_settle_seconds must be between 0 and 600."
   }
 }
 

@@ -8,12 +8,12 @@ terraform {
   required_providers {
     google = {
       source  = "hashicorp/google"
-      version = "6.49.3"
+      version = "6.50.0"
     }
     # Only for google_project_service_identity (the Pub/Sub service agent).
     google-beta = {
       source  = "hashicorp/google-beta"
-      version = "6.49.3"
+      version = "6.50.0"
     }
     archive = {
       source  = "hashicorp/archive"

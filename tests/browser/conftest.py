@@ -8,6 +8,7 @@ pointed at it. Screenshots go to ``test-artifacts/screenshots/``.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -44,15 +45,34 @@ async def browser():
 
 
 class Tab:
-    """One browser tab of the chat UI, recording dialogs and script errors."""
+    """One browser tab of the chat UI, recording dialogs and script errors.
+
+    Every uncaught exception and every console error fails the test (``tabs``
+    checks them after it), except those the test declares with
+    ``expect_console``.
+    """
 
     def __init__(self, page: Page):
         self.page = page
         self.dialogs: list[str] = []
         self.errors: list[str] = []
+        # The browser asks for /favicon.ico on its own (the page names no icon); the 404 is no script's.
+        self.expected: list[re.Pattern] = [re.compile(r"status of 404 .*\(at http://[^ ]+/favicon\.ico\)$")]
         page.on("dialog", self._on_dialog)
-        page.on("pageerror", lambda exc: self.errors.append(str(exc)))
-        page.on("console", lambda msg: self.errors.append(msg.text) if msg.type == "error" else None)
+        page.on("pageerror", lambda exc: self.errors.append(f"uncaught: {exc}"))
+        page.on("console", self._on_console)
+
+    def _on_console(self, msg) -> None:
+        if msg.type == "error":
+            self.errors.append(f"console.error: {msg.text} (at {msg.location.get('url', '?')})")
+
+    def expect_console(self, pattern: str) -> Tab:
+        """Allow console errors matching ``pattern`` (a regular expression, searched): the test expects them."""
+        self.expected.append(re.compile(pattern))
+        return self
+
+    def unexpected_errors(self) -> list[str]:
+        return [e for e in self.errors if not any(p.search(e) for p in self.expected)]
 
     async def _on_dialog(self, dialog):
         self.dialogs.append(dialog.message)
@@ -97,6 +117,7 @@ async def tabs(browser):
     """Factory: ``await tabs()`` opens a tab in a new browser context (a separate person);
     ``await tabs(same_as=tab)`` opens a second tab of the same person (same context)."""
     contexts = []
+    made: list[Tab] = []
 
     async def make(*, same_as: Tab | None = None, viewport: dict | None = None) -> Tab:
         if same_as is not None:
@@ -105,11 +126,15 @@ async def tabs(browser):
             context = await browser.new_context(viewport=viewport or {"width": 1200, "height": 800})
             contexts.append(context)
             page = await context.new_page()
-        return Tab(page)
+        made.append(Tab(page))
+        return made[-1]
 
     yield make
     for context in contexts:
         await context.close()
+    unexpected = [f"tab {i}: {e}" for i, tab in enumerate(made) for e in tab.unexpected_errors()]
+    assert not unexpected, "script errors in the page (declare expected ones with tab.expect_console):\n" + \
+        "\n".join(unexpected)
 
 
 def stream_words(n: int) -> str:

@@ -46,7 +46,7 @@ from tests.fakes.openai_server import OpenAIFakeServer
 pytestmark = pytest.mark.usefixtures("upload_functions")
 
 # The AI-function helpers of the earlier review's tests: runtimes in this process, a joined room, a pending reply.
-runtime_with = ai_review.runtime_with  # a fixture
+# (``runtime_with`` is a fixture of tests/e2e/conftest.py.)
 http = test_uploads.http  # a fixture: an aiohttp session
 _room, _pending_reply, _deliver, _events_of = ai_review._room, ai_review._pending_reply, ai_review._deliver, \
     ai_review._events_of

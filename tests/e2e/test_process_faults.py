@@ -156,7 +156,8 @@ async def test_instance_sigkilled_mid_reply_its_clients_resume_on_the_other_with
 
 async def test_ai_function_sigkilled_mid_reply_ends_as_error_and_is_not_restarted(fault_stack, instances, http):
     stack, ai = fault_stack.stack, fault_stack.ai
-    sweep = {"REPLY_STALE_SECONDS": str(STALE_SECONDS), "REPLY_SWEEP_SECONDS": str(SWEEP_SECONDS)}
+    sweep = {"REPLY_STALE_SECONDS": str(STALE_SECONDS), "REPLY_PENDING_STALE_SECONDS": str(STALE_SECONDS),
+             "REPLY_SWEEP_SECONDS": str(SWEEP_SECONDS)}
     url_a, _ = await instances("socket-stale-a", **sweep)
     url_b, _ = await instances("socket-stale-b", **sweep)
     api, token, cid = await conversation(stack, http, url_a)

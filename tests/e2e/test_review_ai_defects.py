@@ -29,33 +29,14 @@ import zlib
 from datetime import UTC, datetime, timedelta
 
 import aiohttp
-import pytest
 
-from aistream.handler import build_runtime
-from aistream.settings import Settings
 from chatcore import protocol
-from chatcore.ai_requests import AiRequest
 from chatcore.replies import ReplyBusy
-from chatcore.store import ChatStore
 from devstack.processes import free_port
 from tests.conftest import GENEROUS_QUOTAS, new_user
+from tests.e2e.conftest import deliver, pending_reply
 from tests.e2e.test_uploads import file_uploaded, upload
 from tests.fakes.openai_server import OpenAIFakeServer
-
-
-@pytest.fixture
-async def runtime_with(stack):
-    """AI-function runtimes in this process, configured by environment variables as deployed."""
-    built = []
-
-    def make(**env: str):
-        rt = build_runtime(Settings.from_env({**os.environ, **env}))
-        built.append(rt)
-        return rt
-
-    yield make
-    for rt in built:
-        rt.runner.close()
 
 
 async def _room(api, service, make_token, clients):
@@ -67,21 +48,8 @@ async def _room(api, service, make_token, clients):
     return user, token, conv, client
 
 
-async def _pending_reply(rt, conversation_id: str, user_id: str, text: str) -> AiRequest:
-    """A stored user message and its pending reply, as send_message leaves them; the test delivers the request."""
-    store = ChatStore(rt.generator.replies.db)
-    message, reply, _ = await asyncio.to_thread(rt.runner.run, store.post_user_message(
-        conversation_id, user_id, user_id, text, uuid.uuid4().hex))
-    return AiRequest(conversation_id, reply.id, message.id, user_id, "2026-12-01T00:00:00Z")
-
-
-async def _deliver(rt, request: AiRequest):
-    """What one push delivery of ``request`` gets: the handler's result, or the exception that makes
-    Pub/Sub redeliver it (a push answered with an error is retried)."""
-    try:
-        return await asyncio.to_thread(rt.runner.run, rt.generator.handle(request), 60)
-    except Exception as exc:
-        return exc
+_pending_reply = pending_reply
+_deliver = deliver
 
 
 def _reply_doc(firestore_db, conversation_id: str, reply_id: str):
@@ -197,7 +165,8 @@ async def test_a_reply_failed_by_the_sweeper_stays_failed_and_its_worker_stops(s
     # A socket-service instance whose sweeper fails a reply after 2 s without a heartbeat.
     port = free_port()
     sweeper = await asyncio.to_thread(stack.start_socket_service, port, f"socket-sweeper-{uuid.uuid4().hex[:4]}",
-                                      **GENEROUS_QUOTAS, REPLY_STALE_SECONDS="2", REPLY_SWEEP_SECONDS="0.5")
+                                      **GENEROUS_QUOTAS, REPLY_STALE_SECONDS="2", REPLY_PENDING_STALE_SECONDS="2",
+                                      REPLY_SWEEP_SECONDS="0.5")
     thawed = threading.Event()
     try:
         user, token, conv, client = await _room(api, service, make_token, clients)

@@ -1,10 +1,12 @@
 """stop_generation from any instance, and resuming a reply after a reconnect to another instance."""
 
 import asyncio
+import os
 import random
 from datetime import UTC, datetime
 
 from tests.conftest import ChatClient, new_user
+from tests.e2e.conftest import deliver, pending_reply
 from tests.e2e.test_ai_stream import assembled, room
 
 
@@ -16,11 +18,10 @@ async def test_stop_ends_the_reply_as_cancelled(api, service, service_b, make_to
     # Bob is on the other instance: stop works from anywhere.
     ack = await bob.call("stop_generation", {"conversation_id": conv["id"]})
     assert ack == {"ok": True, "message_ids": [reply_id]}
-    t0 = asyncio.get_running_loop().time()
     for client in (alice, bob):
-        done = await client.wait_for("ai_response_complete", lambda m: m["message_id"] == reply_id, timeout=10)
+        # The reply would stream for 25 s more: it ends cancelled, with part of its words.
+        done = await client.wait_for("ai_response_complete", lambda m: m["message_id"] == reply_id, timeout=20)
         assert done["status"] == "cancelled"
-    assert asyncio.get_running_loop().time() - t0 < 3, "the function notices a stop within about a second"
     seqs, text = assembled(alice, reply_id)
     assert seqs == list(range(1, len(seqs) + 1))
     assert done["content"] == text and 0 < len(text.split()) < 5000
@@ -53,8 +54,9 @@ async def test_stop_a_pending_reply_and_validation(api, service, make_token, cli
     assert (await stranger.call("stop_generation", {"conversation_id": conv["id"]}))["error"]["code"] == "forbidden"
 
 
-async def _resume_once(api, service, service_b, make_token, clients, delay: float) -> bool:
-    """One disconnect/reconnect; True when it resumed mid-reply from a non-empty snapshot."""
+async def _resume_once(api, service, service_b, make_token, clients, rng: random.Random) -> None:
+    """One watcher drops mid-reply and comes back on the other instance: what it has is the whole reply,
+    each chunk once. Where it drops and how much it misses are chosen by ``rng``, in chunks."""
     user = new_user()
     token = make_token(user)
     conv = await api.create_conversation(token)
@@ -62,67 +64,73 @@ async def _resume_once(api, service, service_b, make_token, clients, delay: floa
     await sender.call("join_room", {"conversation_id": conv["id"]})
     watcher = await clients(service, token)
     await watcher.call("join_room", {"conversation_id": conv["id"]})
-    await sender.call("send_message", {"conversation_id": conv["id"], "message": "/stream 400"})
+    # 5000 words, 25 s: still streaming whenever the watcher comes back; stopped once it has.
+    await sender.call("send_message", {"conversation_id": conv["id"], "message": "/stream 5000"})
     reply_id = (await sender.wait_for("ai_thinking"))["message_id"]
-    await asyncio.sleep(delay)
+    drop_at, missed = rng.randint(1, 8), rng.randint(0, 3)
+    await watcher.wait_for("ai_response_chunk", lambda c: c["message_id"] == reply_id and c["seq"] >= drop_at,
+                           timeout=20)
     await watcher.close()  # drops mid-stream...
-    await asyncio.sleep(random.uniform(0, 0.3))
+    await sender.wait_for("ai_response_chunk", lambda c: c["message_id"] == reply_id and c["seq"] >= drop_at + missed,
+                          timeout=20)
     resumed = await ChatClient(service_b, token).connect()  # ...and comes back on the other instance
     try:
         ack = await resumed.call("join_room", {"conversation_id": conv["id"]})
+        [snapshot] = [s for s in ack["streaming"] if s["message_id"] == reply_id]
+        assert snapshot["seq"] >= drop_at + missed
+        # Live chunks follow the snapshot; then the reply is stopped.
+        await resumed.wait_for("ai_response_chunk", lambda c: c["message_id"] == reply_id
+                               and c["seq"] > snapshot["seq"], timeout=20)
+        assert (await sender.call("stop_generation", {"conversation_id": conv["id"]}))["ok"]
         final = await sender.wait_for("ai_response_complete", lambda m: m["message_id"] == reply_id, timeout=30)
-        snapshot = [s for s in ack["streaming"] if s["message_id"] == reply_id]
-        if snapshot:
-            done = await resumed.wait_for("ai_response_complete", lambda m: m["message_id"] == reply_id, timeout=30)
-            live = sorted((c for c in resumed.received("ai_response_chunk")
-                           if c["message_id"] == reply_id and c["seq"] > snapshot[0]["seq"]), key=lambda c: c["seq"])
-            seqs = [c["seq"] for c in live]
-            assert seqs == list(range(snapshot[0]["seq"] + 1, snapshot[0]["seq"] + 1 + len(seqs))), "no gap"
-            text = snapshot[0]["content"] + "".join(c["chunk"] for c in live)
-            assert text == done["content"] == final["content"]
-            return snapshot[0]["seq"] > 0
-        else:  # finished before the rejoin: the history has it
-            status, page = await api.request("GET", f"/api/conversations/{conv['id']}/messages", token)
-            stored = next(m for m in page["items"] if m["message_id"] == reply_id)
-            assert stored["content"] == final["content"] and stored["status"] == "complete"
-            return False
+        done = await resumed.wait_for("ai_response_complete", lambda m: m["message_id"] == reply_id, timeout=30)
+        live = sorted((c for c in resumed.received("ai_response_chunk")
+                       if c["message_id"] == reply_id and c["seq"] > snapshot["seq"]), key=lambda c: c["seq"])
+        seqs = [c["seq"] for c in live]
+        assert seqs == list(range(snapshot["seq"] + 1, snapshot["seq"] + 1 + len(seqs))), "no gap, no repeat"
+        text = snapshot["content"] + "".join(c["chunk"] for c in live)
+        assert text == done["content"] == final["content"]
+        assert final["status"] == "cancelled"
     finally:
         await resumed.close()
 
 
 async def test_resume_on_another_instance_has_no_gap_and_no_duplicate(api, service, service_b, make_token,
                                                                       clients):
-    rng = random.Random(20261125)
-    mid_stream = 0
-    for _ in range(12):
-        mid_stream += await _resume_once(api, service, service_b, make_token, clients, rng.uniform(0.05, 1.2))
-    assert mid_stream >= 8, "most repetitions must resume from a mid-reply snapshot"
+    # RESUME_SEED=<n> repeats a failed run's choices.
+    seed = int(os.environ.get("RESUME_SEED") or random.randrange(2**32))
+    rng = random.Random(seed)
+    for round_ in range(12):
+        try:
+            await _resume_once(api, service, service_b, make_token, clients, rng)
+        except BaseException as exc:
+            exc.add_note(f"round {round_} of RESUME_SEED={seed}")
+            raise
 
 
 async def test_deleting_the_conversation_mid_reply_stops_it_and_leaves_no_chunks(api, service, make_token, clients,
-                                                                                firestore_db):
-    token = make_token(new_user())
+                                                                                firestore_db, runtime_with):
+    user = new_user()
+    token = make_token(user)
     conv = await api.create_conversation(token)
     alice = await clients(service, token)
     assert (await alice.call("join_room", {"conversation_id": conv["id"]}))["ok"]
-    await alice.call("send_message", {"conversation_id": conv["id"], "message": "/stream 5000"})
-    reply_id = (await alice.wait_for("ai_thinking"))["message_id"]
-    await alice.wait_for("ai_response_chunk", lambda c: c["seq"] >= 3, timeout=20)
-    status, body = await api.request("DELETE", f"/api/conversations/{conv['id']}", token)
-    assert status in (200, 204), body
+    # The AI function runs in this process, so the test knows when its worker has ended.
+    rt = runtime_with(OFFLINE_TOKEN_DELAY_MS="5")
+    request = await pending_reply(rt, conv["id"], user, "/stream 100000")  # 500 s, unless stopped
+    reply_id = request.message_id
+    handling = asyncio.ensure_future(deliver(rt, request))
+    try:
+        await alice.wait_for("ai_response_chunk", lambda c: c["message_id"] == reply_id and c["seq"] >= 3,
+                             timeout=20)
+        status, body = await api.request("DELETE", f"/api/conversations/{conv['id']}", token)
+        assert status in (200, 204), body
+        # The worker notices the deletion, stops streaming and removes the chunks it wrote after it.
+        assert await asyncio.wait_for(asyncio.shield(handling), 60) == "deleted"
+    finally:
+        await asyncio.wait([handling], timeout=10)
     reply = firestore_db.collection("conversations").document(conv["id"]).collection("messages").document(reply_id)
-
-    # The watcher notices the deletion within about a second; the function stops streaming and
-    # removes the chunks it wrote after the conversation was deleted.
-    def chunks_left() -> int:
-        return len(list(reply.collection("chunks").list_documents()))
-
-    for _ in range(40):
-        await asyncio.sleep(0.25)
-        if chunks_left() == 0 and not reply.get().exists:
-            break
-    await asyncio.sleep(1.5)  # whatever was in flight has landed by now
-    assert chunks_left() == 0 and not reply.get().exists
-    count = len(alice.received("ai_response_chunk"))
-    await asyncio.sleep(1.0)
-    assert len(alice.received("ai_response_chunk")) == count, "no chunks after the reply was discarded"
+    assert list(reply.collection("chunks").list_documents()) == [] and not reply.get().exists
+    received = [c for c in alice.received("ai_response_chunk") if c["message_id"] == reply_id]
+    assert [c["seq"] for c in received] == list(range(1, len(received) + 1))
+    assert not [e for e, d in alice.events if e == "ai_response_complete" and d["message_id"] == reply_id]

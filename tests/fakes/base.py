@@ -118,6 +118,9 @@ class FakeServer:
         self._runner: web.AppRunner | None = None
         self._stopping = asyncio.Event()
         self._arrivals = asyncio.Condition()
+        # In-process only: when set, every answer waits for this event after its first piece (so a test
+        # sees what a client does with the first piece while the rest of the answer does not exist yet).
+        self.after_first_piece: asyncio.Event | None = None
 
     # -- lifecycle ---------------------------------------------------------
     @property
@@ -245,6 +248,8 @@ class FakeServer:
                 ends = index == len(pieces) - 1 and mode not in FAULTS_AFTER_FIRST_PIECE
                 await response.write(self.piece_frame(record, piece, finish_reason if ends else None))
                 record.pieces_sent += 1
+                if index == 0 and self.after_first_piece is not None:
+                    await self.after_first_piece.wait()
                 if mode == "error_mid_stream":
                     await response.write(self.error_frame(record))
                     await response.write_eof()

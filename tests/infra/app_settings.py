@@ -1,22 +1,24 @@
-"""What each deployable reads from its environment, found by parsing its settings module.
+"""What each deployable reads from its environment, found by running its settings.
 
-A variable counts as read when the settings module, or a ``X.from_env``
-constructor it calls (AuthConfig, GcpConfig, UploadLimits, SigningConfig,
-...), passes its name to one of chatcore.config's readers (env_str, env_int,
-env_float, env_bool, env_list, env_choice). Parsing instead of listing keeps
-the infrastructure checks in step with the settings as they change.
+Each deployable's ``Settings.from_env`` is called with a mapping that records
+every key it looks up: once with a minimal local environment and once with a
+minimal production one, since some settings are read in one mode only (the
+dev-token TTL, ``CHAT_PORT`` before ``PORT``, ...). A variable that takes one
+of a fixed set of values (``chatcore.config.env_choice``) is found by giving
+it a value outside any such set: the ``ConfigError`` names the allowed values.
+
+Running the settings, rather than reading their source, keeps the
+infrastructure checks in step with what the code does, however it is written.
 """
 
 from __future__ import annotations
 
-import ast
 import importlib
-import importlib.util
-from dataclasses import dataclass
+import re
+from collections.abc import Mapping
 from functools import cache
-from pathlib import Path
 
-READERS = frozenset({"env_str", "env_int", "env_float", "env_bool", "env_list", "env_choice"})
+from chatcore.config import ConfigError
 
 # Deployable -> its one settings module (see each deployable's README section).
 SETTINGS_MODULES = {
@@ -25,108 +27,88 @@ SETTINGS_MODULES = {
     "ai_stream": "aistream.settings",
 }
 
-
-@dataclass(frozen=True)
-class EnvRead:
-    name: str
-    reader: str
-    module: str
-    choices: tuple[str, ...] | None  # env_choice's allowed values
-
-
-def _source(module_name: str) -> tuple[Path, ast.Module]:
-    spec = importlib.util.find_spec(module_name)
-    if spec is None or spec.origin is None:
-        raise ModuleNotFoundError(module_name)
-    path = Path(spec.origin)
-    return path, ast.parse(path.read_text(), filename=str(path))
-
-
-def _imports(tree: ast.Module, module_name: str) -> dict[str, str]:
-    """Local name -> module it was imported from (``from x import Y`` only)."""
-    names = {}
-    package = module_name.rpartition(".")[0]
-    for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:
-                parent = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
-                base = f"{parent}.{base}" if base else parent
-            for alias in node.names:
-                names[alias.asname or alias.name] = base
-    return names
+# The smallest environments each settings module accepts, in each mode. Values are placeholders:
+# nothing here reaches a network or a file.
+LOCAL_ENV = {
+    "GOOGLE_CLOUD_PROJECT": "demo-chat",
+    "UPLOAD_BUCKET": "demo-chat-uploads",
+    "UPLOAD_URL": "http://127.0.0.1:8081/",
+    "JWT_SECRET": "local-test-secret-" + "x" * 32,
+    "SIGNING_KEY_FILE": "/dev/null",
+}
+PRODUCTION_ENV = {
+    "CHAT_ENV": "production",
+    "GOOGLE_CLOUD_PROJECT": "demo-chat",
+    "UPLOAD_BUCKET": "demo-chat-uploads",
+    "UPLOAD_URL": "https://upload.example/",
+    "CORS_ALLOWED_ORIGINS": "https://chat.example",
+    "JWT_ALGORITHMS": "RS256",
+    "JWT_JWKS_URL": "https://issuer.example/jwks",
+    "JWT_ISSUER": "https://issuer.example",
+    "JWT_AUDIENCE": "chat",
+    "SIGNING_SERVICE_ACCOUNT": "chat@demo-chat.iam.gserviceaccount.com",
+}
+NOT_A_CHOICE = "not-any-of-the-allowed-values"
 
 
-def _choices(node: ast.expr, module_name: str) -> tuple[str, ...] | None:
-    try:
-        return tuple(ast.literal_eval(node))
-    except ValueError:
-        pass
-    if isinstance(node, ast.Name):
-        value = getattr(importlib.import_module(module_name), node.id, None)
-        if isinstance(value, tuple | list):
-            return tuple(value)
-    return None
+class RecordingEnv(dict):
+    """An environment that remembers every name looked up in it, present or not."""
+
+    def __init__(self, values: Mapping[str, str]):
+        super().__init__(values)
+        self.read: set[str] = set()
+
+    def get(self, key, default=None):
+        self.read.add(key)
+        return super().get(key, default)
+
+    def __getitem__(self, key):
+        self.read.add(key)
+        return super().__getitem__(key)
+
+    def __contains__(self, key):
+        self.read.add(key)
+        return super().__contains__(key)
 
 
-def _names(arg: ast.expr, scope: ast.AST) -> list[str]:
-    """The variable name(s) a reader is given: a literal, or a local assigned literals
-    (``name = "CHAT_PORT" if ... else "PORT"``)."""
-    if isinstance(arg, ast.Constant) and isinstance(arg.value, str):
-        return [arg.value]
-    if isinstance(arg, ast.Name):
-        values = [node.value for node in ast.walk(scope) if isinstance(node, ast.Assign)
-                  and any(isinstance(t, ast.Name) and t.id == arg.id for t in node.targets)]
-        names = []
-        for value in values:
-            branches = [value.body, value.orelse] if isinstance(value, ast.IfExp) else [value]
-            names.extend(b.value for b in branches if isinstance(b, ast.Constant) and isinstance(b.value, str))
-        if names:
-            return names
-    raise ValueError(f"cannot tell which variable line {arg.lineno} reads: teach tests/infra/app_settings.py")
-
-
-def _reads_in(node: ast.AST, module_name: str, imports: dict[str, str], seen: set) -> list[EnvRead]:
-    reads = []
-    for call in ast.walk(node):
-        if not isinstance(call, ast.Call):
-            continue
-        func = call.func
-        name = func.id if isinstance(func, ast.Name) else func.attr if isinstance(func, ast.Attribute) else ""
-        if name in READERS and len(call.args) >= 2:
-            choices = _choices(call.args[3], module_name) if name == "env_choice" and len(call.args) > 3 else None
-            for variable in _names(call.args[1], node):
-                reads.append(EnvRead(variable, name, module_name, choices))
-        elif (name == "from_env" and isinstance(func, ast.Attribute) and isinstance(func.value, ast.Name)
-              and func.value.id != "cls"):
-            owner = func.value.id
-            reads.extend(_class_reads(imports.get(owner, module_name), owner, seen))
-    return reads
-
-
-def _class_reads(module_name: str, class_name: str, seen: set) -> list[EnvRead]:
-    if (module_name, class_name) in seen:
-        return []
-    seen.add((module_name, class_name))
-    _, tree = _source(module_name)
-    imports = _imports(tree, module_name)
-    for node in tree.body:
-        if isinstance(node, ast.ClassDef) and node.name == class_name:
-            for item in node.body:
-                if isinstance(item, ast.FunctionDef) and item.name == "from_env":
-                    return _reads_in(item, module_name, imports, seen)
-    raise LookupError(f"{module_name}.{class_name}.from_env not found")
+def _settings_class(deployable: str):
+    return importlib.import_module(SETTINGS_MODULES[deployable]).Settings
 
 
 @cache
-def env_reads(deployable: str) -> tuple[EnvRead, ...]:
-    """Every environment variable the deployable's settings read (settings.py and the from_env it calls)."""
-    return tuple(_class_reads(SETTINGS_MODULES[deployable], "Settings", set()))
+def _reads(deployable: str) -> frozenset[str]:
+    settings = _settings_class(deployable)
+    names: set[str] = set()
+    for base in (LOCAL_ENV, PRODUCTION_ENV):
+        env = RecordingEnv(base)
+        settings.from_env(env)  # a minimal environment must be accepted; if not, this test says why
+        names |= env.read
+    return frozenset(names)
 
 
 def env_names(deployable: str) -> set[str]:
-    return {read.name for read in env_reads(deployable)}
+    """Every environment variable the deployable's settings read, in either mode."""
+    return set(_reads(deployable))
+
+
+@cache
+def _choices(deployable: str) -> dict[str, tuple[str, ...]]:
+    settings = _settings_class(deployable)
+    found = {}
+    for name in sorted(_reads(deployable)):
+        for base in (LOCAL_ENV, PRODUCTION_ENV):
+            try:
+                settings.from_env({**base, name: NOT_A_CHOICE})
+            except ConfigError as error:
+                match = re.match(rf"{re.escape(name)} must be one of (.+), got ", str(error))
+                if match:
+                    found[name] = tuple(match.group(1).split(", "))
+                    break
+            except Exception:
+                continue
+    return found
 
 
 def env_choices(deployable: str) -> dict[str, tuple[str, ...]]:
-    return {read.name: read.choices for read in env_reads(deployable) if read.choices is not None}
+    """Variable -> its allowed values, for the variables that take one of a fixed set."""
+    return dict(_choices(deployable))

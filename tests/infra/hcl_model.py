@@ -26,7 +26,7 @@ _REF = re.compile(
     r"(?<![\w.])(?:"
     r"(?P<kind>var|local|module)\.(?P<name>[A-Za-z_][\w-]*)"
     r"|data\.(?P<dtype>[a-z][a-z0-9_]*)\.(?P<dname>[A-Za-z_][\w-]*)(?P<dindex>\[[^\]]*\])?(?:\.(?P<dattr>\w+))?"
-    r"|(?P<rtype>(?:google|archive)_[a-z0-9_]+)\.(?P<rname>[A-Za-z_][\w-]*)(?P<rindex>\[[^\]]*\])?(?:\.(?P<rattr>\w+))?"
+    r"|(?P<rtype>(?:google|archive)_[a-z0-9_]+|terraform_data)\.(?P<rname>[A-Za-z_][\w-]*)(?P<rindex>\[[^\]]*\])?(?:\.(?P<rattr>\w+))?"
     r")"
 )
 
@@ -59,6 +59,10 @@ class Module:
     data: dict[tuple[str, str], Block] = field(default_factory=dict)
     outputs: dict[str, Block] = field(default_factory=dict)
     modules: dict[str, Block] = field(default_factory=dict)
+    # provider "google" { ... }: by provider name (aliased configurations are not used here).
+    providers: dict[str, Block] = field(default_factory=dict)
+    # moved { from = ..., to = ... }: addresses as written (without ${}), in file order.
+    moved: list[tuple[str, str, str]] = field(default_factory=list)
 
     def resource(self, rtype: str, name: str) -> dict[str, Any]:
         return self.resources[(rtype, name)].body
@@ -67,9 +71,30 @@ class Module:
         return {name: b.body for (t, name), b in self.resources.items() if t == rtype}
 
     def refs(self) -> Iterator[Ref]:
+        """References of every expression; a moved block's `from` names what no longer exists, so those are left out."""
         for file, content in self.files.items():
-            for text in strings(content):
+            for text in strings({kind: value for kind, value in content.items() if kind != "moved"}):
                 yield from references(text, file)
+
+    def instances(self, rtype: str, name: str) -> dict[str, dict[str, Any]]:
+        """The instances of a resource whose for_each is a map literal (inline, or a local), by key, each
+        body with ``each.key`` and ``each.value.<attribute>`` replaced by that entry's values (see
+        :func:`expand`); a resource without for_each is its one instance, under the key ``""``, and one
+        whose for_each is any other expression (a set, a for expression) stays as written, under ``"*"``."""
+        body = self.resource(rtype, name)
+        if "for_each" not in body:
+            return {"": body}
+        entries = body["for_each"]
+        match = re.fullmatch(r"\$\{local\.(\w+)\}", str(entries))
+        if match:
+            entries = self.locals[match.group(1)]
+        if not isinstance(entries, dict):
+            return {"*": body}
+        return {key: expand({k: v for k, v in body.items() if k != "for_each"}, key, value)
+                for key, value in entries.items() if not key.startswith("__")}
+
+    def instance(self, rtype: str, name: str, key: str) -> dict[str, Any]:
+        return self.instances(rtype, name)[key]
 
 
 def _label(value: str) -> str:
@@ -103,11 +128,69 @@ def load(directory: Path = TERRAFORM_DIR) -> Module:
                         if key in target:
                             raise ValueError(f"{kind} {key} is defined twice")
                         target[key] = Block(kind, key[0], key[1], body, path.name)
-        for kind, target in (("output", module.outputs), ("module", module.modules)):
+        for entry in content.get("moved", []):
+            module.moved.append((_unwrap(entry["from"]), _unwrap(entry["to"]), path.name))
+        for kind, target in (("output", module.outputs), ("module", module.modules), ("provider", module.providers)):
             for entry in content.get(kind, []):
                 for name, body in entry.items():
                     target[_label(name)] = Block(kind, "", _label(name), body, path.name)
     return module
+
+
+def _unwrap(expression: str) -> str:
+    return expression[2:-1] if expression.startswith("${") and expression.endswith("}") else expression
+
+
+_EACH = re.compile(r"(?<![\w.])each\.(?:key\b|value(?:\.(\w+))?)")
+
+
+def _as_expression(value: Any) -> str:
+    """A parsed value written back as an HCL expression (for substitution inside another expression)."""
+    if isinstance(value, str):
+        return value[2:-1] if re.fullmatch(r"\$\{.*\}", value, re.S) and value.count("${") == 1 else \
+            '"' + value.replace('"', '\\"') + '"'
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def expand(value: Any, key: str, entry: Any) -> Any:
+    """``value`` (a parsed body) as the for_each instance ``key`` whose ``each.value`` is ``entry``.
+
+    A string that is exactly ``${each.value.x}`` becomes the entry's value itself (a string, a number,
+    None, a map...); inside a longer expression ``each.value.x`` becomes that value as an expression and
+    ``each.key`` the quoted key, so ``${data.archive_file.f[each.key].output_md5}`` reads
+    ``${data.archive_file.f["upload"].output_md5}``.
+    """
+    if isinstance(value, dict):
+        return {k: v if k.startswith("__") else expand(v, key, entry) for k, v in value.items()}
+    if isinstance(value, list):
+        return [expand(item, key, entry) for item in value]
+    if not isinstance(value, str) or "each." not in value:
+        return value
+    whole = re.fullmatch(r"\$\{each\.(key|value(?:\.(\w+))?)\}", value)
+    if whole:
+        if whole.group(1) == "key":
+            return key
+        return entry[whole.group(2)] if whole.group(2) else entry
+
+    def replace(match: re.Match) -> str:
+        if match.group(0) == "each.key":
+            return f'"{key}"'
+        return _as_expression(entry[match.group(1)] if match.group(1) else entry)
+
+    parts, last = [], 0
+    for expression in interpolations(value):
+        start = value.index("${" + expression, last)
+        parts.append(value[last:start])
+        inner = _EACH.sub(replace, expression)
+        literal_string = re.fullmatch(r'"([^"\\$]*)"', inner)
+        parts.append(literal_string.group(1) if literal_string else "${" + inner + "}")
+        last = start + len(expression) + 3
+    parts.append(value[last:])
+    return "".join(parts)
 
 
 def strings(value: Any) -> Iterator[str]:

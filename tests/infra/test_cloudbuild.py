@@ -121,5 +121,45 @@ def test_image_tags_are_pinned(build):
         if name.startswith("gcr.io/cloud-builders/"):
             continue  # Cloud Build's own builders, cached on its workers and kept current by Google
         assert ":" in name and not name.endswith(":latest"), f"{step['id']} uses an unpinned image {name}"
-        if name.startswith(("python:", "hashicorp/terraform:")):
+        if name.startswith(("python:", "hashicorp/terraform:", "gcr.io/google.com/cloudsdktool/")):
             assert re.search(r":\d+\.\d+\.\d+", name), name
+
+
+# -- issue 14: the deploy step, and the CI account ---------------------------------------------
+def test_deploy_step_has_terraform_and_gcloud(build):
+    """After terraform apply the helper turns the invoker IAM check off on request-upload with gcloud
+    (deploy/workflow.py), so the deploy step runs in the Google Cloud CLI image with Terraform's
+    own binary, copied from the pinned Terraform image by an earlier step."""
+    steps = {step["id"]: step for step in build["steps"]}
+    deploy = steps["deploy"]
+    assert re.fullmatch(r"gcr\.io/google\.com/cloudsdktool/google-cloud-cli:\d+\.\d+\.\d+-alpine", deploy["name"])
+    (copier,) = [step for step in build["steps"] if step["name"].startswith("hashicorp/terraform:")]
+    assert copier["id"] in deploy["waitFor"]
+    copy = " ".join(_strings(copier["args"]))
+    (directory,) = re.findall(r"cp \S+ (/workspace/\S+)/terraform", copy)
+    script = " ".join(_strings(deploy["args"]))
+    assert f"PATH={directory}:" in script
+    assert build["options"]["logging"] in ("CLOUD_LOGGING_ONLY", "NONE"), \
+        "a user-specified build account needs its logs in Cloud Logging (or a bucket of ours)"
+
+
+def test_ci_account_may_grant_only_the_roles_terraform_grants_on_the_project(tf):
+    """Terraform sets project-level IAM members, so CI needs roles/resourcemanager.projectIamAdmin;
+    docs/DEPLOY.md grants it with an IAM condition that lets it grant or revoke these roles and no
+    other (iam.googleapis.com/modifiedGrantsByRole)."""
+    granted = set()
+    for body in tf.resources_of("google_project_iam_member").values():
+        role = body["role"]
+        match = re.fullmatch(r"\$\{google_project_iam_custom_role\.(\w+)\.name\}", role)
+        if match:
+            role_id = tf.resource("google_project_iam_custom_role", match.group(1))["role_id"]
+            role = f"projects/{{project}}/roles/{role_id}"
+        granted.add(role)
+    assert set(deploy_settings.CI_GRANTABLE_PROJECT_ROLES) == granted
+    assert "roles/resourcemanager.projectIamAdmin" not in deploy_settings.CI_ROLES, "only with the condition"
+    condition = deploy_settings.ci_iam_admin_condition("demo-project")
+    assert condition.startswith("api.getAttribute('iam.googleapis.com/modifiedGrantsByRole', []).hasOnly([")
+    for role in granted:
+        assert f"'{role.format(project='demo-project')}'" in condition
+    for role in deploy_settings.CI_ROLES:
+        assert role.startswith("roles/") and role not in {"roles/owner", "roles/editor"}

@@ -10,6 +10,7 @@ import importlib.util
 import re
 import shlex
 import sys
+import tomllib
 from functools import cache
 from pathlib import Path
 
@@ -58,8 +59,8 @@ def test_ui_libraries_are_built_in_the_image_as_make_ui_does():
     """The chat UI's vendor files are not committed: the image builds them from package-lock.json."""
     ops = instructions()
     makefile = (ROOT / "Makefile").read_text()
-    make_files = set(re.findall(r"node_modules/\S+\.js", makefile))
-    docker_files = set(re.findall(r"node_modules/\S+\.js", " ".join(args for op, args in ops if op == "RUN")))
+    make_files = set(re.findall(r"node_modules/\S+\.js\b", makefile))
+    docker_files = set(re.findall(r"node_modules/\S+\.js\b", " ".join(args for op, args in ops if op == "RUN")))
     assert make_files and docker_files == make_files
     assert "npm ci" in " ".join(args for op, args in ops if op == "RUN")
     assert any(op == "COPY" and "--from=" in args and args.split()[-1].rstrip("/").endswith("socket_service/ui/vendor")
@@ -126,12 +127,16 @@ def test_dockerignore_lets_in_exactly_what_the_dockerfile_copies():
         assert not included(secret_or_bulk), secret_or_bulk
 
 
-def test_python_versions_agree():
-    """The image, the functions' runtime and pyproject all mean Python 3.11."""
+def test_python_versions_agree(tf):
+    """The image, every function's runtime and pyproject all mean Python 3.11."""
     base = [args for op, args in instructions() if op == "FROM"][-1]
     assert base.startswith("python:3.11.")
-    assert 'requires-python = ">=3.11"' in (ROOT / "pyproject.toml").read_text()
-    assert 'runtime           = "python311"' in (ROOT / "infra" / "terraform" / "functions.tf").read_text()
+    with (ROOT / "pyproject.toml").open("rb") as f:
+        assert tomllib.load(f)["project"]["requires-python"] == ">=3.11"
+    runtimes = {(name, key): body["build_config"][0]["runtime"]
+                for name in tf.resources_of("google_cloudfunctions2_function")
+                for key, body in tf.instances("google_cloudfunctions2_function", name).items()}
+    assert runtimes and set(runtimes.values()) == {"python311"}, runtimes
 
 
 # -- what each deployable imports is in its requirements ---------------------

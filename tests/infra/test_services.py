@@ -6,15 +6,14 @@ from __future__ import annotations
 
 import ast
 import importlib
-import inspect
 import re
 from pathlib import Path
 
 import pytest
 
 from deploy import packaging
-from socket_service import app as socket_app
 
+from . import hcl_model
 from .hcl_model import ROOT, first, literal, strings
 
 PRIMITIVE_ROLES = {"roles/owner", "roles/editor", "roles/viewer"}
@@ -32,17 +31,40 @@ def test_socket_service_is_websocket_friendly(tf):
     container = first(template, "containers")
     resources = first(container, "resources")
     assert resources["cpu_idle"] is False, "CPU must stay allocated: the instance subscription keeps pulling"
+    # Cloud Run's frontend reserves paths ending in z (a Google 404 page for /healthz): /health.
     for probe in ("startup_probe", "liveness_probe"):
-        assert first(container, probe, "http_get")["path"] == "/healthz"
+        assert first(container, probe, "http_get")["path"] == "/health"
     assert template["service_account"] == "${google_service_account.socket.email}"
     assert container["image"] == "${var.image}"
     # The service's UPLOAD_URL is the deployed request_upload function.
-    assert tf.locals["socket_service_env"]["UPLOAD_URL"] == "${google_cloudfunctions2_function.request_upload.url}"
+    assert tf.locals["socket_service_env"]["UPLOAD_URL"] == \
+        '${google_cloudfunctions2_function.functions["request_upload"].url}'
 
 
-def test_socket_service_health_path_exists():
-    source = inspect.getsource(importlib.import_module("socket_service.http_api"))
-    assert '"/healthz"' in source
+def _routes() -> dict[str, str]:
+    """GET routes the socket service registers, path -> handler name (on a bare aiohttp app)."""
+    from types import SimpleNamespace
+
+    from aiohttp import web
+
+    from socket_service import http_api
+
+    app = web.Application()
+    http_api.add_routes(app, SimpleNamespace(http_requests_per_second=1.0, http_request_burst=1, dev_tokens=False))
+    return {route.resource.canonical: route.handler.__name__ for route in app.router.routes()
+            if route.method == "GET" and route.resource is not None}
+
+
+def test_socket_service_probe_paths_exist_and_avoid_reserved_paths(tf):
+    container = first(tf.resource("google_cloud_run_v2_service", "socket"), "template", "containers")
+    routes = _routes()
+    for probe in ("startup_probe", "liveness_probe", "readiness_probe"):
+        if probe in container:
+            path = first(container, probe, "http_get")["path"]
+            assert not path.endswith("z"), f"{probe}: Cloud Run reserves some paths ending in z"
+            assert path in routes, f"{probe}: the service has no GET {path}"
+    # The public names (docs/DEPLOY.md, "Check it") answer like the local ones.
+    assert routes.get("/health") == routes.get("/healthz") and routes.get("/ready") == routes.get("/readyz")
 
 
 def test_chat_origin_is_the_services_deterministic_url(tf):
@@ -56,47 +78,83 @@ def test_chat_origin_is_the_services_deterministic_url(tf):
 FUNCTIONS = {"request_upload": "upload", "on_upload_finalized": "upload", "ai_stream": "ai_stream"}
 
 
+def _function(tf, name: str) -> dict:
+    """The google_cloudfunctions2_function instance of a target, its for_each entry filled in."""
+    return tf.instance("google_cloudfunctions2_function", "functions", name)
+
+
+def test_one_function_resource_for_every_target(tf):
+    assert list(tf.resources_of("google_cloudfunctions2_function")) == ["functions"]
+    assert set(tf.instances("google_cloudfunctions2_function", "functions")) == set(FUNCTIONS)
+
+
 @pytest.mark.parametrize("function", sorted(FUNCTIONS))
 def test_function_entry_point_and_source(tf, function):
-    body = tf.resource("google_cloudfunctions2_function", function)
+    body = _function(tf, function)
     build = first(body, "build_config")
     assert build["entry_point"] == function
     assert build["runtime"] == "python311"
     source_dir = FUNCTIONS[function]
-    # The entry point is a function of that source's main.py.
-    main = ast.parse((ROOT / "functions" / source_dir / "main.py").read_text())
-    assert function in {n.name for n in main.body if isinstance(n, ast.FunctionDef)}
+    # The entry point is a callable of that source's main.py, as functions-framework loads it.
+    assert callable(getattr(_main_module(source_dir), function))
     # Its archive is the staged folder of that source (python -m deploy package).
     obj = first(build, "source", "storage_source")["object"]
-    (archive,) = re.findall(r"google_storage_bucket_object\.(\w+)\.name", obj)
-    archive_source = tf.resource("google_storage_bucket_object", archive)["source"]
-    (data_name,) = re.findall(r"data\.archive_file\.(\w+)\.output_path", archive_source)
-    assert tf.data[("archive_file", data_name)].body["source_dir"] == "${local.function_build_dir}/" + source_dir
+    (archive,) = re.findall(r'google_storage_bucket_object\.(\w+)\["(\w+)"\]\.name', obj)
+    assert archive == ("function_source", source_dir)
+    archive_source = hcl_model.expand(tf.resource("google_storage_bucket_object", archive[0]), source_dir,
+                                      source_dir)["source"]
+    (data_name, data_key) = re.fullmatch(r'\$\{data\.archive_file\.(\w+)\["(\w+)"\]\.output_path\}',
+                                         archive_source).groups()
+    data = hcl_model.expand(tf.data[("archive_file", data_name)].body, data_key, data_key)
+    assert data["source_dir"] == "${local.function_build_dir}/" + source_dir
+    assert tf.locals["function_sources"] == "${toset([for f in local.functions : f.source])}"
     assert source_dir in packaging.function_sources()
     assert tf.locals["function_build_dir"] == "${path.module}/.build/functions"
     assert packaging.FUNCTION_BUILD_DIR == ROOT / "infra" / "terraform" / ".build" / "functions"
 
 
+def _main_module(source_dir: str):
+    """functions/<source_dir>/main.py imported as functions-framework does (its folder first on sys.path)."""
+    import importlib.util
+    import sys
+
+    folder = ROOT / "functions" / source_dir
+    spec = importlib.util.spec_from_file_location(f"_infra_main_{source_dir}", folder / "main.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(folder))
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(folder))
+    return module
+
+
 def test_only_request_upload_is_public(tf):
+    # allUsers only in the public_access = "allUsers" mode (test_first_deploy.py); the default
+    # disables the invoker check on the same two services instead.
     public = {name: body for name, body in tf.resources_of("google_cloud_run_v2_service_iam_member").items()
               if body["member"] == "allUsers"}
     assert {body["name"] for body in public.values()} == {
-        "${google_cloudfunctions2_function.request_upload.name}", "${google_cloud_run_v2_service.socket.name}"}
+        '${google_cloudfunctions2_function.functions["request_upload"].name}',
+        "${google_cloud_run_v2_service.socket.name}"}
+    assert tf.resource("google_cloud_run_v2_service", "socket")["invoker_iam_disabled"] == \
+        '${var.public_access == "invoker_iam_disabled"}'
+    assert tf.outputs["invoker_check_disabled_services"].body["value"].count("google_cloudfunctions2_function.") == 1
     push = tf.resource("google_cloud_run_v2_service_iam_member", "push_invoker")
     assert push["for_each"] == "${local.push_functions}"
     assert push["member"] == "${google_service_account.push_invoker.member}"
     assert push["role"] == "roles/run.invoker"
     for function in ("ai_stream", "on_upload_finalized"):
-        service = first(tf.resource("google_cloudfunctions2_function", function), "service_config")
+        service = first(_function(tf, function), "service_config")
         assert service["ingress_settings"] == "${var.push_function_ingress}"
+    assert first(_function(tf, "request_upload"), "service_config")["ingress_settings"] == "ALLOW_ALL"
     assert tf.variables["push_function_ingress"].body["default"] == "ALLOW_INTERNAL_ONLY"
 
 
 def test_each_deployable_runs_as_its_own_service_account(tf):
     accounts = {
         "socket": first(tf.resource("google_cloud_run_v2_service", "socket"), "template")["service_account"],
-        **{name: first(tf.resource("google_cloudfunctions2_function", name), "service_config")[
-            "service_account_email"] for name in FUNCTIONS},
+        **{name: first(_function(tf, name), "service_config")["service_account_email"] for name in FUNCTIONS},
     }
     assert accounts == {
         "socket": "${google_service_account.socket.email}",
@@ -105,7 +163,7 @@ def test_each_deployable_runs_as_its_own_service_account(tf):
         "ai_stream": "${google_service_account.ai_stream.email}",
     }
     for name in FUNCTIONS:
-        build = first(tf.resource("google_cloudfunctions2_function", name), "build_config")
+        build = first(_function(tf, name), "build_config")
         assert build["service_account"] == "${google_service_account.functions_build.id}"
 
 
@@ -140,15 +198,19 @@ def test_token_creator_only_on_accounts_themselves(tf):
 
 def test_socket_service_may_manage_only_subscriptions(tf):
     role = tf.resource("google_project_iam_custom_role", "instance_subscriptions")
+    # list: an instance deletes the leftovers of instances that died without their SIGTERM.
     assert sorted(role["permissions"]) == ["pubsub.subscriptions.consume", "pubsub.subscriptions.create",
-                                           "pubsub.subscriptions.delete", "pubsub.subscriptions.get"]
+                                           "pubsub.subscriptions.delete", "pubsub.subscriptions.get",
+                                           "pubsub.subscriptions.list"]
     binding = tf.resource("google_project_iam_member", "socket_instance_subscriptions")
     assert binding["member"] == "${google_service_account.socket.member}"
     # Attaching subscriptions: on the two room-bus topics only (test_bus_grants.py).
-    for name, key in (("socket_attach_chat_events", "chat_events"), ("socket_attach_function_events", "function_events")):
-        attach = tf.resource("google_pubsub_topic_iam_member", name)
-        assert attach["topic"] == f"${{google_pubsub_topic.topics[local.topology.topics.{key}].name}}"
-        assert attach["role"] == "roles/pubsub.subscriber"
+    grants = tf.instances("google_pubsub_topic_iam_member", "socket_bus")
+    assert {(g["topic"], g["role"], g["member"]) for g in grants.values()} == {
+        (f"${{google_pubsub_topic.topics[local.topology.topics.{topic}].name}}", f"roles/pubsub.{role}",
+         "${google_service_account.socket.member}")
+        for topic, role in (("chat_events", "subscriber"), ("function_events", "subscriber"),
+                            ("chat_events", "viewer"))}
 
 
 def test_ai_function_may_call_vertex_ai(tf):
@@ -262,24 +324,7 @@ def test_firestore_is_native_and_closed_to_clients(tf):
     assert "cloud.firestore" in release["name"]
 
 
-# -- alerts ----------------------------------------------------------------------
-def test_stale_reply_metric_matches_the_sweepers_warning(tf):
-    metric = tf.resource("google_logging_metric", "stale_replies")
-    log_filter = metric["filter"]
-    assert 'severity = \\"WARNING\\"' in log_filter or 'severity = "WARNING"' in log_filter
-    assert "google_cloud_run_v2_service.socket.name" in log_filter
-    pattern = re.search(r'jsonPayload\.message =~ \\?"([^"\\]+)\\?"', log_filter).group(1)
-    calls = [node for node in ast.walk(ast.parse(inspect.getsource(socket_app)))
-             if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
-             and node.func.attr == "warning" and node.args and isinstance(node.args[0], ast.Constant)
-             and re.search(pattern, node.args[0].value)]
-    assert len(calls) == 1, f"the sweeper's logger.warning no longer matches {pattern!r}"
-    message = calls[0].args[0].value % tuple("x" for _ in range(calls[0].args[0].value.count("%s")))
-    assert re.search(pattern, message)
-    alert = tf.resource("google_monitoring_alert_policy", "stale_replies")
-    assert "google_logging_metric.stale_replies.name" in first(alert, "conditions", "condition_threshold")["filter"]
-
-
+# -- timeouts --------------------------------------------------------------------
 def test_literal_timeouts_are_durations(tf):
     for name, body in tf.resources_of("google_pubsub_subscription").items():
         for block in ("retry_policy",):

@@ -62,6 +62,11 @@ DEFAULT_IN_PRODUCTION = {
         "MAX_CONNECTIONS_PER_USER": "application default (20)",
         "HTTP_REQUESTS_PER_SECOND": "application default", "HTTP_REQUEST_BURST": "application default",
         "TOKEN_PARENT_ORIGINS": "defaults to FRAME_ANCESTORS (var.frame_ancestors), the only possible parents",
+        "REPLY_PENDING_STALE_SECONDS": "application default (900 s) outlasts push redelivery backoff (up to 600 s) "
+                                       "plus a cold start; ai_stream_min_instances is the deployment's knob",
+        "BUS_STARTUP_RETRY_SECONDS": "application default (300 s) outlasts typical IAM propagation after a deploy",
+        "INSTANCE_HEARTBEAT_SECONDS": "application default (60 s)",
+        "INSTANCE_STALE_SECONDS": "application default (600 s, many missed heartbeats)",
     },
     "upload": {
         "FIRESTORE_EMULATOR_HOST": EMULATORS, "PUBSUB_EMULATOR_HOST": EMULATORS, "STORAGE_EMULATOR_HOST": EMULATORS,
@@ -197,7 +202,7 @@ def test_deployables_use_their_env_maps(tf):
 
     for function, deployable in (("request_upload", "upload"), ("on_upload_finalized", "upload"),
                                  ("ai_stream", "ai_stream")):
-        service = first(tf.resource("google_cloudfunctions2_function", function), "service_config")
+        service = first(tf.instance("google_cloudfunctions2_function", "functions", function), "service_config")
         _, _, merged, secret = ENV_LOCALS[deployable]
         assert service["environment_variables"] == f"${{local.{merged}}}", function
         for_each_of(dynamic_blocks(service, "secret_environment_variables"), secret)

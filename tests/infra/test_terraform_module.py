@@ -36,6 +36,14 @@ COMPUTED = {
     "google_storage_bucket": {"id", "url", "self_link"},
     "google_storage_bucket_object": {"id", "md5hash", "self_link"},
     "google_storage_project_service_account": {"email_address", "member"},
+    # IAM members (their id names project/resource, role and member) and terraform_data (built into Terraform).
+    "google_project_iam_member": {"id", "etag"},
+    "google_pubsub_topic_iam_member": {"id", "etag"},
+    "google_storage_bucket_iam_member": {"id", "etag"},
+    "google_artifact_registry_repository_iam_member": {"id", "etag"},
+    "google_service_account_iam_member": {"id", "etag"},
+    "google_secret_manager_secret_iam_member": {"id", "etag"},
+    "terraform_data": {"id", "output"},
 }
 
 
@@ -129,6 +137,27 @@ def test_references_parse_what_they_should():
     assert [(r.kind, r.type, r.name, r.attr) for r in refs] == [
         ("resource", "google_pubsub_topic", "topics", "id"), ("var", "", "a", ""), ("local", "", "b", ""),
         ("data", "google_project", "this", "number")]
+
+
+def test_moved_blocks_lead_from_an_old_address_to_an_instance_that_exists(tf):
+    """Resources whose address changed (one for_each replacing several blocks) keep their state:
+    `moved` takes each old address to an existing for_each instance, so nothing is destroyed and recreated."""
+    assert tf.moved, "the for_each refactorings keep their moved blocks (existing deployments)"
+    seen_from, seen_to = set(), set()
+    for old, new, file in tf.moved:
+        old_type, old_name = old.split(".")
+        assert (old_type, old_name) not in tf.resources, f"{file}: {old} still exists"
+        match = re.fullmatch(r'(\w+)\.(\w+)\["(\w+)"\]', new)
+        assert match, f"{file}: {new} is not a for_each instance"
+        new_type, new_name, key = match.groups()
+        assert new_type == old_type, f"{file}: moved across types ({old} -> {new})"
+        assert (new_type, new_name) in tf.resources, f"{file}: {new} does not exist"
+        keys = set(tf.instances(new_type, new_name))
+        if "*" not in keys:  # a set or an expression: its keys are not known statically
+            assert key in keys, f"{file}: {new}: no such for_each key"
+        assert old not in seen_from and new not in seen_to, f"{file}: {old} -> {new} twice"
+        seen_from.add(old)
+        seen_to.add(new)
 
 
 def test_outputs_a_user_needs(tf):

@@ -3,8 +3,8 @@ chatcore/topology.json and wire them the same way."""
 
 from __future__ import annotations
 
-import inspect
 import re
+from urllib.parse import parse_qs, urlsplit
 
 from chatcore import signing
 from chatcore import topology as topology_mod
@@ -85,22 +85,23 @@ def test_push_subscriptions_match_the_local_stack(tf, topology_raw):
     assert first(push, "retry_policy")["minimum_backoff"] and first(push, "retry_policy")["maximum_backoff"]
     assert first(push, "expiration_policy")["ttl"] == ""
 
-    # The push endpoint has the path the local stack gives it, so the CloudEvent `source` names the topic.
+    # The push endpoint has the path the local stack gives it (test_local_push_endpoints_are_terraforms).
     config = first(push, "push_config")
     base = "${local.push_functions[each.value.target].service_config[0].uri}"
     assert config["push_endpoint"] == base + "/projects/${var.project_id}/topics/${each.value.topic}"
-    assert 'f"{base}/projects/{self.project_id}/topics/{sub.topic}"' in inspect.getsource(
-        devstack_stack.Stack.provision_pubsub)
     oidc = first(config, "oidc_token")
     assert oidc["service_account_email"] == "${google_service_account.push_invoker.email}"
     assert oidc["audience"] == base
 
     # Each push target is a deployed function whose entry point is that target.
     targets = {s["target"] for s in topology_raw["push_subscriptions"]}
-    assert set(tf.locals["push_functions"]) == targets
-    for target, ref in tf.locals["push_functions"].items():
-        name = re.fullmatch(r"\$\{google_cloudfunctions2_function\.(\w+)\}", ref).group(1)
-        assert first(tf.resource("google_cloudfunctions2_function", name), "build_config")["entry_point"] == target
+    assert tf.locals["push_functions"] == ("${{for target in keys(local.push_by_target) : "
+                                           "target => google_cloudfunctions2_function.functions[target]}}")
+    assert tf.locals["push_by_target"] == "${{for s in local.topology.push_subscriptions : s.target => s}}"
+    functions = tf.instances("google_cloudfunctions2_function", "functions")
+    assert targets <= set(functions)
+    for target in targets:
+        assert first(functions[target], "build_config")["entry_point"] == target
 
 
 def test_dead_letters_are_never_silently_lost(tf, topology_raw):
@@ -129,15 +130,16 @@ def test_dead_letters_are_never_silently_lost(tf, topology_raw):
 def test_ack_deadline_outlasts_the_longest_reply(tf, topology_raw):
     (ai,) = [s for s in topology_raw["push_subscriptions"] if s["target"] == "ai_stream"]
     assert tf.variables["ai_max_reply_seconds"].body["default"] < ai["ack_deadline_seconds"] <= 600
-    function = tf.resource("google_cloudfunctions2_function", "ai_stream")
-    assert first(function, "service_config")["timeout_seconds"] == \
+    functions = tf.instances("google_cloudfunctions2_function", "functions")
+    assert first(functions["ai_stream"], "service_config")["timeout_seconds"] == \
         '${local.push_by_target["ai_stream"].ack_deadline_seconds}'
-    (precondition,) = first(function, "lifecycle")["precondition"]
-    assert precondition["condition"] == \
-        '${var.ai_max_reply_seconds < local.push_by_target["ai_stream"].ack_deadline_seconds}'
+    # The precondition is checked on the ai_stream instance only (one error, not one per function).
+    (precondition,) = first(tf.resource("google_cloudfunctions2_function", "functions"), "lifecycle")["precondition"]
+    assert precondition["condition"] == ('${each.key != "ai_stream" || '
+                                         'var.ai_max_reply_seconds < local.push_by_target["ai_stream"].ack_deadline_seconds}')
 
 
-def test_uploads_bucket_name_and_notifications(tf, topology_raw):
+def test_uploads_bucket_name_and_notifications(tf, topology_raw, tmp_path, monkeypatch):
     assert tf.locals["uploads_bucket_name"] == "${var.project_id}-${local.topology.buckets.uploads}"
     bucket = tf.resource("google_storage_bucket", "uploads")
     assert bucket["name"] == "${local.uploads_bucket_name}"
@@ -154,23 +156,127 @@ def test_uploads_bucket_name_and_notifications(tf, topology_raw):
     assert notification["topic"] == "${google_pubsub_topic.topics[local.topology.topics.gcs_uploads].id}"
     assert notification["object_name_prefix"] == "${local.uploads_layout.object_prefix}/"
     # fake-gcs-server publishes to the same topic locally.
-    assert "topology.load().gcs_uploads_topic" in inspect.getsource(devstack_stack.Stack.start_emulators)
+    command = _fake_gcs_command(tmp_path, monkeypatch)
+    topic_key = re.fullmatch(r"\$\{google_pubsub_topic\.topics\[local\.topology\.topics\.(\w+)\]\.id\}",
+                             notification["topic"]).group(1)
+    assert _flag(command, "-event.pubsub-topic") == topology_raw["topics"][topic_key]
     publisher = tf.resource("google_pubsub_topic_iam_member", "storage_agent_publisher")
     assert publisher["topic"] == "${google_pubsub_topic.topics[local.topology.topics.gcs_uploads].name}"
     assert "google_storage_project_service_account.gcs.email_address" in publisher["member"]
 
 
-def test_uploads_cors_matches_the_local_stack_and_the_signed_headers(tf):
+def test_uploads_cors_matches_the_local_stack_and_the_signed_headers(tf, tmp_path, monkeypatch):
     cors = first(tf.resource("google_storage_bucket", "uploads"), "cors")
     assert sorted(cors["method"]) == ["GET", "PUT"]
     assert cors["origin"] == "${local.cors_origins}"
     assert cors["response_header"] == "${local.uploads_cors_headers}"
     terraform_headers = {h.lower() for h in tf.locals["uploads_cors_headers"]}
-    assert terraform_headers == set(devstack_stack.GCS_CORS_HEADERS.lower().split(","))
-    # Every header the browser must send with a signed PUT is allowed.
-    signed = set(re.findall(r'"((?:Content-Type|x-goog-[a-z-]+))":', inspect.getsource(signing.UrlSigner.upload)))
-    assert len(signed) == 3
-    assert {h.lower() for h in signed} <= terraform_headers
+    # fake-gcs-server, as the local stack starts it, allows the same headers.
+    local_headers = _flag(_fake_gcs_command(tmp_path, monkeypatch), "-cors-headers")
+    assert terraform_headers == set(local_headers.lower().split(","))
+    # Every header the browser must send with a signed PUT is allowed: sign one (with a key like the
+    # local stack's) and read the headers it must carry and those its signature covers.
+    key_dir = tmp_path / "key"
+    key_dir.mkdir()
+    signer = signing.UrlSigner(signing.SigningConfig(key_file=str(devstack_stack.write_signing_key(key_dir, "p"))),
+                               "chat-uploads")
+    signed = signer.upload("uploads/c/u/f.png", "image/png", 10)
+    sent = {h.lower() for h in signed.headers}
+    assert sent >= {"content-type", "x-goog-content-length-range", "x-goog-if-generation-match"}
+    covered = parse_qs(urlsplit(signed.url).query)["X-Goog-SignedHeaders"][0].split(";")
+    assert set(covered) == sent | {"host"}
+    assert sent <= terraform_headers
+
+
+def _fake_gcs_command(tmp_path, monkeypatch) -> list[str]:
+    """The command line the local stack starts fake-gcs-server with (nothing is started)."""
+    started = []
+
+    class Recorded:
+        def __init__(self, name, cmd, *args, **kwargs):
+            self.name, self.argv = name, cmd
+
+        def start(self):
+            started.append(self)
+
+        def wait_until(self, ready, timeout):
+            pass
+
+    monkeypatch.setattr(devstack_stack, "Managed", Recorded)
+    monkeypatch.setattr(devstack_stack, "fake_gcs_binary", lambda: "fake-gcs-server")
+    monkeypatch.setattr(devstack_stack.Stack, "provision_pubsub", lambda self, *a, **k: None)
+    monkeypatch.setattr(devstack_stack.Stack, "provision_buckets", lambda self: None)
+    stack = devstack_stack.Stack(ports=devstack_stack.Ports(firestore=1, pubsub=2, gcs=3, chat=4, ai=5, upload=6,
+                                                            finalize=7), log_dir=tmp_path / "logs")
+    stack.start_emulators()
+    (gcs,) = [proc for proc in started if proc.name == "fake-gcs-server"]
+    return gcs.argv
+
+
+def _flag(command: list[str], flag: str) -> str:
+    (index,) = [i for i, arg in enumerate(command) if arg == flag]
+    return command[index + 1]
+
+
+class _RecordingPubSub:
+    """Stands in for google.cloud.pubsub_v1's clients: records what the local stack creates."""
+
+    def __init__(self):
+        self.subscriptions: list[dict] = []
+        outer = self
+
+        class Publisher:
+            def topic_path(self, project, topic):
+                return f"projects/{project}/topics/{topic}"
+
+            def create_topic(self, name):
+                pass
+
+        class Subscriber:
+            def subscription_path(self, project, name):
+                return f"projects/{project}/subscriptions/{name}"
+
+            def create_subscription(self, request):
+                outer.subscriptions.append(request)
+
+            def close(self):
+                pass
+
+        self.PublisherClient, self.SubscriberClient = Publisher, Subscriber
+
+
+def test_local_push_endpoints_are_terraforms(tf, topology_raw, tmp_path, monkeypatch):
+    """The push endpoint Terraform gives each subscription, evaluated for a function at some URL, is
+    where the local stack pushes for a function there: straight from the emulator, or through the
+    push relay (devstack.LOCAL_PUSH_RELAYED)."""
+    from google.cloud import pubsub_v1
+
+    template = first(tf.resource("google_pubsub_subscription", "push"), "push_config")["push_endpoint"]
+    project = "chat-local"
+    bases = {s["target"]: f"http://127.0.0.1:{9000 + i}" for i, s in enumerate(topology_raw["push_subscriptions"])}
+
+    def terraform_endpoint(sub: dict) -> str:
+        return (template.replace("${local.push_functions[each.value.target].service_config[0].uri}", bases[sub["target"]])
+                .replace("${var.project_id}", project).replace("${each.value.topic}", sub["topic"]))
+
+    fake = _RecordingPubSub()
+    monkeypatch.setattr(pubsub_v1, "PublisherClient", fake.PublisherClient)
+    monkeypatch.setattr(pubsub_v1, "SubscriberClient", fake.SubscriberClient)
+    relays = []
+    monkeypatch.setattr(devstack_stack.Stack, "_start", lambda self, proc, ready, timeout: relays.append(proc) or proc)
+    stack = devstack_stack.Stack(ports=devstack_stack.Ports(firestore=1, pubsub=2, gcs=3, chat=4, ai=5, upload=6,
+                                                            finalize=7), log_dir=tmp_path, project_id=project)
+    stack.provision_pubsub(bases)
+    created = {request["name"].rsplit("/", 1)[1]: request for request in fake.subscriptions}
+    for sub in topology_raw["push_subscriptions"]:
+        expected = terraform_endpoint(sub)
+        assert "${" not in expected
+        if sub["target"] in devstack_stack.LOCAL_PUSH_RELAYED:
+            assert "push_config" not in created[sub["name"]]
+            stack.start_push_relay(sub["target"], bases[sub["target"]], name=f"{sub['target']}-relay")
+            assert _flag(relays[-1].argv, "--endpoint") == expected
+        else:
+            assert created[sub["name"]]["push_config"] == {"push_endpoint": expected}
 
 
 def test_pending_upload_ttl_field_comes_from_the_topology(tf, topology_raw):

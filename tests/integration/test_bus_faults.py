@@ -38,7 +38,9 @@ TOKEN_DELAY_MS = 10  # the offline model's pace: "/stream N" takes about N x 10 
 FREEZE_SECONDS = 5.0  # how long the emulator stays frozen (the fault itself, not a wait for an event)
 # A reply whose request the restarted (empty) emulator lost stays pending until the stale sweep fails it.
 REPLY_STALE_SECONDS = 8
-SWEEP = {"REPLY_STALE_SECONDS": str(REPLY_STALE_SECONDS), "REPLY_SWEEP_SECONDS": "0.5"}
+# A lost AI request leaves its reply pending: pending replies get the same short bound here.
+SWEEP = {"REPLY_STALE_SECONDS": str(REPLY_STALE_SECONDS), "REPLY_PENDING_STALE_SECONDS": str(REPLY_STALE_SECONDS),
+         "REPLY_SWEEP_SECONDS": "0.5"}
 
 
 @dataclass

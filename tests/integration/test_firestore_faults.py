@@ -98,8 +98,9 @@ async def test_frozen_firestore_gets_unavailable_within_the_deadline_and_nothing
         async with session.get(stack.chat_url() + "/api/conversations",
                                headers={"Authorization": f"Bearer {token}"}) as r:
             assert r.status == 503 and int(r.headers["Retry-After"]) >= 1
-        status, body = await _answered_within(api.request("GET", "/readyz"), DEADLINE + 3)
-        assert status == 503 and body["checks"]["firestore"] != "ok"
+        for path in ("/ready", "/readyz"):
+            status, body = await _answered_within(api.request("GET", path), DEADLINE + 3)
+            assert status == 503 and body["checks"]["firestore"] != "ok", path
     finally:
         firestore.signal_group(signal.SIGCONT)
     await _works_again(client, cid)
@@ -124,8 +125,9 @@ async def test_restarted_firestore_gets_unavailable_then_works_again(faulty_stac
         ack = await _answered_within(client.call("send_message", {"conversation_id": cid, "message": "while down"},
                                                  timeout=DEADLINE + 5), DEADLINE)
         assert ack["ok"] is False and ack["error"]["code"] == "unavailable", ack
-        status, _ = await _answered_within(api.request("GET", "/readyz"), DEADLINE + 3)
-        assert status == 503
+        for path in ("/ready", "/readyz"):
+            status, _ = await _answered_within(api.request("GET", path), DEADLINE + 3)
+            assert status == 503, path
     finally:
         # The same emulator again on the same port (its data was in memory: a new, empty database).
         firestore.start()

@@ -7,9 +7,10 @@ import pytest
 from tests.conftest import new_user
 
 
-async def test_health_and_readiness(api):
-    assert await api.request("GET", "/healthz") == (200, {"status": "ok"})
-    status, body = await api.request("GET", "/readyz")
+@pytest.mark.parametrize("health, ready", [("/health", "/ready"), ("/healthz", "/readyz")])
+async def test_health_and_readiness(api, health, ready):
+    assert await api.request("GET", health) == (200, {"status": "ok"})
+    status, body = await api.request("GET", ready)
     assert status == 200
     assert body == {"status": "ok", "checks": {"firestore": "ok", "bus": "ok"}}
 

@@ -59,7 +59,8 @@ class HeldJwks:
                 pass
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.thread = threading.Thread(target=self.httpd.serve_forever, name="held-jwks", daemon=True)
+        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05},
+                                       name="held-jwks", daemon=True)
 
     @property
     def url(self) -> str:

@@ -77,5 +77,11 @@ async def test_participant_removed_on_one_instance_leaves_the_room_on_the_other(
     await on_b.wait_for("left_room")
     ack = await on_a.call("send_message", {"conversation_id": conv["id"], "message": "after removal"})
     await on_a.wait_for("new_message", lambda m: m["message_id"] == ack["message_id"])
-    await asyncio.sleep(1.0)
+    # A barrier: the owner joins on B too. The room's messages reach B in order (one ordering key), so once
+    # that connection has the owner's next message, B has handled the one above: the guest did not get it.
+    owner_on_b = await clients(service_b, make_token(owner, name="Ana"))
+    assert (await owner_on_b.call("join_room", {"conversation_id": conv["id"]}))["ok"]
+    later = await on_a.call("send_message", {"conversation_id": conv["id"], "message": "barrier"})
+    await owner_on_b.wait_for("new_message", lambda m: m["message_id"] == later["message_id"])
     assert ack["message_id"] not in [m["message_id"] for m in on_b.received("new_message")]
+    assert later["message_id"] not in [m["message_id"] for m in on_b.received("new_message")]

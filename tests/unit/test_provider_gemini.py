@@ -107,11 +107,13 @@ async def test_pieces_arrive_in_order_and_join_to_the_text(server, make_provider
 
 
 async def test_pieces_are_yielded_as_they_arrive(server, make_provider):
-    server.configure(pieces=("one", " two", " three"), delay=0.3)
+    server.configure(pieces=("one", " two", " three"))
+    server.after_first_piece = asyncio.Event()  # the rest of the answer is held back until the first piece is out
     stream = make_provider().stream([Turn("user", "hi")], system="")
-    async with asyncio.timeout(5):
+    async with asyncio.timeout(10):  # a guard against a hang, not a measure: the rest never comes until released
         assert await anext(stream) == "one"
     assert server.requests[0].pieces_sent == 1  # the provider did not wait for the whole answer
+    server.after_first_piece.set()
     assert [piece async for piece in stream] == [" two", " three"]
 
 

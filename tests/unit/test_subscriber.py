@@ -28,7 +28,7 @@ class Collector:
 def test_messages_arrive_in_order_and_each_batch_is_acknowledged_before_the_next_pull(server, channel):
     server.add(b"1", b"2", b"3")
     got = Collector()
-    stream = Subscriber(channel=channel, pull_timeout=2).subscribe(SUBSCRIPTION, got)
+    stream = Subscriber(channel=channel, pull_timeout=0.2).subscribe(SUBSCRIPTION, got)
     wait_for(lambda: got.data == [b"1", b"2", b"3"])
     server.add(b"4")
     wait_for(lambda: len(got.data) == 4)
@@ -45,10 +45,9 @@ def test_messages_arrive_in_order_and_each_batch_is_acknowledged_before_the_next
 def test_an_empty_long_poll_just_polls_again(server, channel):
     got = Collector()
     stream = Subscriber(channel=channel, pull_timeout=0.2).subscribe(SUBSCRIPTION, got)
-    time.sleep(0.5)
+    wait_for(lambda: len(server.pull_requests) >= 2)  # the first long poll ended empty; the next one is open
     server.add(b"late")
     wait_for(lambda: got.data == [b"late"])
-    assert len(server.pull_requests) >= 2
     assert not stream.done()
     stream.cancel()
 
@@ -57,7 +56,7 @@ def test_transient_errors_are_retried_and_a_permanent_one_ends_the_stream(server
     server.failures = [grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNAVAILABLE]
     server.add(b"after retries")
     got = Collector()
-    stream = Subscriber(channel=channel, pull_timeout=2).subscribe(SUBSCRIPTION, got)
+    stream = Subscriber(channel=channel, pull_timeout=0.2).subscribe(SUBSCRIPTION, got)
     wait_for(lambda: got.data == [b"after retries"])
     assert not stream.done()
     server.failures = [grpc.StatusCode.NOT_FOUND]
@@ -86,7 +85,7 @@ def test_a_failing_callback_does_not_stop_the_stream(server, channel):
             raise ValueError("boom")
 
     server.add(b"bad", b"good")
-    stream = Subscriber(channel=channel, pull_timeout=2).subscribe(SUBSCRIPTION, callback)
+    stream = Subscriber(channel=channel, pull_timeout=0.2).subscribe(SUBSCRIPTION, callback)
     wait_for(lambda: seen == [b"bad", b"good"])
     assert not stream.done()
     stream.cancel()

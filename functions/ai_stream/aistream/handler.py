@@ -53,7 +53,8 @@ def build_runtime(settings: Settings, *, firestore_client=None, publisher=None, 
                                                    database=settings.gcp.firestore_database)
     # Every emit comes from the runner's loop: its RPCs are made there too, without sender threads.
     bus = GooglePubSubManager(settings.gcp.project_id, topology.load().function_events_topic, write_only=True,
-                              publisher=publisher or AsyncPublisher(runner.loop))
+                              publisher=publisher or AsyncPublisher(
+                                  runner.loop, client_options=settings.gcp.pubsub_client_options))
     storage_client = storage_client or storage.Client(project=settings.gcp.project_id)
     files = FileReader(storage_client, settings.uploads_bucket, settings.file_text_max_chars,
                        settings.image_max_bytes)

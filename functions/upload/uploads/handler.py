@@ -20,6 +20,7 @@ from chatcore import uploads as uploads_mod
 from chatcore.auth import TokenVerifier
 from chatcore.errors import ChatError, InvalidArgument, Unavailable
 from chatcore.loop_runner import LoopRunner
+from chatcore.publisher import Publisher
 from chatcore.pubsub_manager import GooglePubSubManager
 from chatcore.signing import UrlSigner
 from chatcore.store import ChatStore
@@ -99,7 +100,8 @@ class Runtime:
             if self._finalizer is None:
                 _, uploads = self._stores()
                 self._bus = GooglePubSubManager(self.settings.gcp.project_id, topology.load().function_events_topic,
-                                                write_only=True, publisher=self._publisher)
+                                                write_only=True, publisher=self._publisher or Publisher(
+                                                    client_options=self.settings.gcp.pubsub_client_options))
                 self._finalizer = Finalizer(self.settings, uploads, self._storage_client(), self._bus, self.signer,
                                             self.runner)
             return self._finalizer
