@@ -19,6 +19,7 @@ LEAVE_ROOM = "leave_room"
 SEND_MESSAGE = "send_message"
 TYPING = "typing"
 STOP_GENERATION = "stop_generation"
+REGENERATE = "regenerate"  # issue 16: answer a user message again
 
 # Server -> client events.
 CONNECTED = "connected"
@@ -32,6 +33,26 @@ AI_RESPONSE_ERROR = "ai_response_error"
 FILE_UPLOADED = "file_uploaded"
 USER_TYPING = "user_typing"
 ERROR = "error"
+CONVERSATION_UPDATED = "conversation_updated"  # issue 16: the live conversation list, to user:<id> rooms
+
+# conversation_updated reasons.
+UPDATE_CREATED = "created"
+UPDATE_RENAMED = "renamed"
+UPDATE_MESSAGE = "message"
+UPDATE_PARTICIPANTS = "participants"
+UPDATE_AI_MODE = "ai_mode"
+UPDATE_REMOVED = "removed"
+UPDATE_DELETED = "deleted"
+UPDATE_READ = "read"  # to the reader's own user room only: their other devices clear the badge
+PREVIEW_CHARS = 120
+
+# A conversation's AI mode. Conversations stored without the field behave as "always".
+AI_ALWAYS = "always"
+AI_MENTION = "mention"
+AI_OFF = "off"
+AI_MODES = (AI_ALWAYS, AI_MENTION, AI_OFF)
+# "@ai" as a word, in any case, anywhere: not inside an e-mail address or a longer @name.
+_AI_MENTION_RE = re.compile(r"(?<![\w@.])@ai(?![\w@])", re.IGNORECASE)
 
 # Message statuses.
 PENDING = "pending"
@@ -164,6 +185,66 @@ def parse_display_name(value: Any) -> str | None:
 def parse_title(value: Any) -> Any:
     """A conversation title as sent (``None``, or anything for the store's own rules), once its text is valid."""
     return client_text(value, "title", multiline=True)
+
+
+def parse_ai_mode(value: Any) -> str:
+    if not isinstance(value, str) or value not in AI_MODES:
+        raise InvalidArgument(f"ai_mode must be one of {', '.join(repr(m) for m in AI_MODES)}")
+    return value
+
+
+def mentions_ai(text: str) -> bool:
+    """True when ``text`` addresses the AI: ``@ai`` as a word, case-insensitive, at any position."""
+    return _AI_MENTION_RE.search(text) is not None
+
+
+def ai_answers(ai_mode: str | None, text: str) -> bool:
+    """Whether a user message gets an AI reply in a conversation of this mode (missing: "always")."""
+    mode = ai_mode or AI_ALWAYS
+    if mode == AI_OFF:
+        return False
+    if mode == AI_MENTION:
+        return mentions_ai(text)
+    return True
+
+
+# Handles: lowercase letters, digits, '_', '.', '-'; 3-30 characters; not only dots, not Firestore-reserved.
+HANDLE_RE = re.compile(r"[a-z0-9_.-]{3,30}")
+
+
+def parse_handle(value: Any) -> str:
+    """A handle as typed (a leading '@' and capitals are accepted), normalised to its stored form."""
+    value = client_text(value, "handle")
+    if not isinstance(value, str):
+        raise InvalidArgument("handle must be a string")
+    handle = value.strip().removeprefix("@").lower()
+    if not HANDLE_RE.fullmatch(handle) or set(handle) == {"."} or _RESERVED_ID_RE.fullmatch(handle):
+        raise InvalidArgument("handle must be 3-30 characters: lowercase letters, digits, '_', '.' or '-'")
+    return handle
+
+
+def parse_profile_name(value: Any) -> str:
+    """A display name a user chooses: 1-100 characters on one line, surrounding spaces trimmed."""
+    value = client_text(value, "name")
+    if not isinstance(value, str) or not value.strip() or len(value.strip()) > MAX_DISPLAY_NAME:
+        raise InvalidArgument(f"name must be a non-blank string of at most {MAX_DISPLAY_NAME} characters")
+    return " ".join(value.split())
+
+
+def preview(text: str) -> str:
+    """The first ``PREVIEW_CHARS`` characters of a message, on one line."""
+    return " ".join(text.split())[:PREVIEW_CHARS]
+
+
+def conversation_updated_payload(conversation_id: str, reason: str, conversation: dict | None = None,
+                                 last_message: dict | None = None, **extra: Any) -> dict:
+    payload = {"conversation_id": conversation_id, "reason": reason}
+    if conversation is not None:
+        payload["conversation"] = conversation
+    if last_message is not None:
+        payload["last_message"] = last_message
+    payload.update(extra)
+    return payload
 
 
 def timestamp(moment: datetime) -> str:

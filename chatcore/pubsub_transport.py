@@ -145,13 +145,18 @@ FUNCTION_EMITS: dict[str, frozenset[str]] = {
     # ai_stream's reply to a conversation; on_upload_finalized's file message.
     protocol.conversation_room(""): frozenset({protocol.AI_RESPONSE_CHUNK, protocol.AI_RESPONSE_COMPLETE,
                                                protocol.AI_RESPONSE_ERROR, protocol.FILE_UPLOADED}),
-    # on_upload_finalized telling the uploader, in the user's own room, that a file was refused.
-    protocol.user_room(""): frozenset({protocol.ERROR}),
+    # on_upload_finalized telling the uploader, in the user's own room, that a file was refused; and the
+    # live conversation list after a reply or a file message (to the participants' user rooms, in one emit).
+    protocol.user_room(""): frozenset({protocol.ERROR, protocol.CONVERSATION_UPDATED}),
 }
+# An emit to a list of rooms (conversation_updated to every participant) names at most this many.
+MAX_FUNCTION_EMIT_ROOMS = 101
 
 
 def is_function_emit(message: dict) -> bool:
     """True for an emit that a function makes: one of ``FUNCTION_EMITS``, to one room, plain.
+
+    The one exception to "one room": ``conversation_updated`` to a list of user rooms.
 
     Plain: the default namespace, no binary attachments, no callback, no
     connection skipped; a function's write-only manager never sets those.
@@ -161,9 +166,15 @@ def is_function_emit(message: dict) -> bool:
     if message.get("binary") or message.get("callback") or message.get("skip_sid"):
         return False
     room, event = message.get("room"), message.get("event")
-    return isinstance(room, str) and isinstance(event, str) and any(
-        room.startswith(prefix) and len(room) > len(prefix) and event in events
-        for prefix, events in FUNCTION_EMITS.items())
+    if isinstance(room, list) and 0 < len(room) <= MAX_FUNCTION_EMIT_ROOMS and event == protocol.CONVERSATION_UPDATED:
+        rooms = room  # every room of the list must be one a function may emit this event to
+    elif isinstance(room, str):
+        rooms = [room]
+    else:
+        return False
+    return isinstance(event, str) and all(isinstance(r, str) and any(
+        r.startswith(prefix) and len(r) > len(prefix) and event in events
+        for prefix, events in FUNCTION_EMITS.items()) for r in rooms)
 
 
 class DropLog:

@@ -193,10 +193,13 @@ class ReplyStore:
                 fields["error"] = error
             transaction.update(ref, fields)
             release_slot(self.db, transaction, reply.user_id, reply.id)
-            return final
+            return final, stored.get("stopped_by")
 
-        final_status = await end(self.db.transaction())
-        return None if final_status is None else replace(reply, status=final_status, content=content)
+        ended = await end(self.db.transaction())
+        if ended is None:
+            return None
+        final_status, stopped_by = ended
+        return replace(reply, status=final_status, content=content, stopped_by=stopped_by)
 
     async def discard(self, reply: Message) -> None:
         """Delete what is left of a reply whose conversation was deleted (late chunks, quota slot)."""
@@ -226,9 +229,15 @@ class ReplyStore:
         ``recent_messages``, read before the reply was claimed) saves the
         query; messages sent after the reply are skipped in it.
         """
-        bound = order_key(reply.created_at, reply.id)
-        if recent is None:
+        if reply.history_until is not None:
+            # A regenerated reply: the history up to (and with) the user message it answers again.
+            # ``recent`` (the newest messages) may not reach back that far: read it from there.
+            bound = reply.history_until + "~"  # after the message's own key, before any later message's
             recent = await self.recent_messages(reply.conversation_id, max_messages, before=bound)
+        else:
+            bound = order_key(reply.created_at, reply.id)
+            if recent is None:
+                recent = await self.recent_messages(reply.conversation_id, max_messages, before=bound)
         earlier = [m for m in recent if order_key(m.created_at, m.id) < bound][:max_messages]
         newest_first = [m for m in earlier if m.role != protocol.ROLE_ASSISTANT
                         or m.status in (protocol.COMPLETE, protocol.CANCELLED)]
@@ -240,11 +249,14 @@ class ReplyStore:
         return History(list(reversed(newest_first)), [])
 
     # -- socket-service side ---------------------------------------------
-    async def request_stop(self, conversation_id: str, message_id: str | None) -> list[StopResult]:
+    async def request_stop(self, conversation_id: str, message_id: str | None,
+                           stopped_by: dict | None = None) -> list[StopResult]:
         """Stop one reply, or every reply in progress in the conversation.
 
         A streaming reply gets ``stop_requested`` (its worker notices within
-        about a second); a pending one is cancelled here at once.
+        about a second); a pending one is cancelled here at once. The first
+        stop of a reply records ``stopped_by`` (``{user_id, name}``), which its
+        ``ai_response_complete`` and history item then show.
         """
         if message_id is not None:
             refs = [self.store.message_ref(conversation_id, message_id)]
@@ -254,28 +266,31 @@ class ReplyStore:
             refs = [doc.reference async for doc in query.stream()]
         results = []
         for ref in refs:
-            result = await self._stop_one(conversation_id, ref)
+            result = await self._stop_one(conversation_id, ref, stopped_by)
             if result is not None:
                 results.append(result)
         if not results:
             raise NotFound("no reply in progress to stop")
         return results
 
-    async def _stop_one(self, conversation_id: str, ref) -> StopResult | None:
+    async def _stop_one(self, conversation_id: str, ref, stopped_by: dict | None = None) -> StopResult | None:
         @firestore.async_transactional
         async def stop(transaction):
             doc = await ref.get(transaction=transaction)
             if (not doc.exists or doc.get("role") != protocol.ROLE_ASSISTANT
                     or doc.get("status") not in protocol.IN_PROGRESS_STATUSES):
                 return None
+            first_stop = {"stopped_by": stopped_by} if stopped_by and not (doc.to_dict() or {}).get("stopped_by") \
+                else {}
             if doc.get("status") == protocol.STREAMING:
-                transaction.update(ref, {"stop_requested": True})
+                transaction.update(ref, {"stop_requested": True, **first_stop})
                 return StopResult(doc.id, None)
             now = utcnow()
             transaction.update(ref, {"status": protocol.CANCELLED, "content": "", "ended_at": now,
-                                     "heartbeat_at": now, "stop_requested": True})
+                                     "heartbeat_at": now, "stop_requested": True, **first_stop})
             release_slot(self.db, transaction, doc.get("user_id"), doc.id)
-            cancelled = replace(Message.from_doc(conversation_id, doc), status=protocol.CANCELLED, content="")
+            cancelled = replace(Message.from_doc(conversation_id, doc), status=protocol.CANCELLED, content="",
+                                stopped_by=(doc.to_dict() or {}).get("stopped_by") or stopped_by)
             return StopResult(doc.id, cancelled)
 
         return await stop(self.db.transaction())

@@ -3,10 +3,20 @@
 Layout::
 
     conversations/{conversation_id}
-        owner_id, participants[], title, created_at, updated_at, updated_key
+        owner_id, participants[], title, created_at, updated_at, updated_key,
+        ai_mode? ("always" when absent), names? ({user_id: display name}, see below)
     conversations/{conversation_id}/messages/{message_id}
         role, content, user_id, username, created_at, sort_key, status, files[],
-        client_message_id?, reply_to?, seq
+        client_message_id?, reply_to?, seq, stopped_by? ({user_id, name}),
+        history_until? (a regenerated reply: the sort key of the last message its prompt may see)
+    conversations/{conversation_id}/reads/{user_id}
+        key (sort key up to which the user has read), read_at
+
+``names`` holds the participants' display names as last seen: the owner's at
+creation, a participant's (from their profile) when added, and a sender's when
+it changed, written with the throttled ``updated_at`` bump of a message (never
+a write of its own). A participant missing from it is shown by the profile
+name (chatcore/profiles.py) or the user id.
     conversations/{conversation_id}/messages/{message_id}/chunks/{seq:010d}
         seq, text            (written by the AI function before each emit)
 
@@ -47,6 +57,13 @@ logger = logging.getLogger(__name__)
 CONVERSATIONS = "conversations"
 MESSAGES = "messages"
 CHUNKS = "chunks"
+READS = "reads"
+# Unread counts stop here ("99+"); counting further costs reads for nothing.
+MAX_UNREAD = 99
+# A read marker this long after the conversation's updated_at needs no count: nothing came after it
+# (updated_at trails the newest message by at most TOUCH_INTERVAL; the rest is margin for clock skew).
+UNREAD_SKIP_MARGIN = timedelta(seconds=2)
+UNREAD_CONCURRENCY = 10
 MAX_TITLE_CHARS = 200
 MAX_PARTICIPANTS = 100
 DEFAULT_PAGE = 50
@@ -150,21 +167,35 @@ class Conversation:
     title: str
     created_at: datetime
     updated_at: datetime
+    ai_mode: str = protocol.AI_ALWAYS
+    names: Mapping[str, str] = field(default_factory=dict, compare=False)
 
     @classmethod
     def from_doc(cls, doc) -> Conversation:
         d = doc.to_dict()
+        names = d.get("names")
         return cls(id=doc.id, owner_id=d["owner_id"], participants=tuple(d.get("participants", ())),
-                   title=d.get("title", ""), created_at=d["created_at"], updated_at=d["updated_at"])
+                   title=d.get("title", ""), created_at=d["created_at"], updated_at=d["updated_at"],
+                   ai_mode=d.get("ai_mode") or protocol.AI_ALWAYS, names=names if isinstance(names, dict) else {})
 
     def is_participant(self, user_id: str) -> bool:
         return user_id in self.participants
 
-    def to_wire(self) -> dict:
+    def user_rooms(self) -> list[str]:
+        return [protocol.user_room(u) for u in self.participants]
+
+    def missing_names(self) -> list[str]:
+        return [u for u in self.participants if not self.names.get(u)]
+
+    def to_wire(self, names: Mapping[str, str] | None = None) -> dict:
+        """The conversation object; ``names`` (e.g. from profiles) fills the participants ``self.names`` lacks."""
+        known = {**(names or {}), **{u: n for u, n in self.names.items() if n}}
         return {"id": self.id, "title": self.title, "owner_id": self.owner_id,
                 "participants": list(self.participants),
                 "created_at": protocol.timestamp(self.created_at),
-                "updated_at": protocol.timestamp(self.updated_at)}
+                "updated_at": protocol.timestamp(self.updated_at),
+                "ai_mode": self.ai_mode,
+                "participants_info": [{"user_id": u, "name": known.get(u) or u} for u in self.participants]}
 
 
 @dataclass(frozen=True)
@@ -182,6 +213,12 @@ class Message:
     reply_to: str | None = None
     claim_id: str | None = None  # of an assistant reply: the worker's claim that streams it (chatcore/replies.py)
     extra: dict = field(default_factory=dict)
+    stopped_by: dict | None = None  # of a reply stopped by stop_generation: {user_id, name}
+    history_until: str | None = None  # of a regenerated reply: its prompt sees messages up to this sort key
+
+    @property
+    def sort_key(self) -> str:
+        return order_key(self.created_at, self.id)
 
     @classmethod
     def from_doc(cls, conversation_id: str, doc) -> Message:
@@ -190,7 +227,7 @@ class Message:
                    user_id=d.get("user_id", ""), created_at=d["created_at"], status=d.get("status", ""),
                    username=d.get("username", ""), files=tuple(d.get("files", ())),
                    client_message_id=d.get("client_message_id"), reply_to=d.get("reply_to"),
-                   claim_id=d.get("claim_id"))
+                   claim_id=d.get("claim_id"), stopped_by=d.get("stopped_by"), history_until=d.get("history_until"))
 
     def to_doc(self) -> dict:
         doc = {"role": self.role, "content": self.content, "user_id": self.user_id, "username": self.username,
@@ -200,6 +237,8 @@ class Message:
             doc["client_message_id"] = self.client_message_id
         if self.reply_to is not None:
             doc["reply_to"] = self.reply_to
+        if self.history_until is not None:
+            doc["history_until"] = self.history_until
         return doc
 
     def to_wire(self, *, with_status: bool = False, file_urls: Mapping[str, str | None] | None = None) -> dict:
@@ -213,13 +252,30 @@ class Message:
                 "timestamp": protocol.timestamp(self.created_at), "conversation_id": self.conversation_id}
         if self.role == protocol.ROLE_USER:
             wire["user_id"] = self.user_id
+            if self.username:
+                wire["username"] = self.username
             if self.client_message_id is not None:
                 wire["client_message_id"] = self.client_message_id
             if self.files:
                 wire["files"] = [file_to_wire(f, file_urls) for f in self.files]
         if self.role == protocol.ROLE_ASSISTANT or with_status:
             wire["status"] = self.status
+        if self.role == protocol.ROLE_ASSISTANT:
+            if self.status == protocol.CANCELLED and self.stopped_by:
+                wire["stopped_by"] = dict(self.stopped_by)
+            if with_status and self.reply_to is not None:
+                wire["reply_to"] = self.reply_to
         return wire
+
+    def last_message(self) -> dict:
+        """``last_message`` of ``conversation_updated``: who said what, in short."""
+        user = self.role == protocol.ROLE_USER
+        text = self.content
+        if not text and self.files:
+            text = ", ".join(str(f.get("filename", "")) for f in self.files)
+        return {"message_id": self.id, "role": self.role, "user_id": self.user_id if user else None,
+                "username": (self.username or self.user_id) if user else None,
+                "preview": protocol.preview(text), "timestamp": protocol.timestamp(self.created_at)}
 
 
 WIRE_FILE_FIELDS = ("file_id", "filename", "content_type", "size")
@@ -257,8 +313,9 @@ class Posted:
     """A stored user message and its reply; ``created`` is False when an earlier attempt stored them."""
 
     message: Message
-    reply: Message
+    reply: Message | None  # None: the conversation's AI mode leaves this message unanswered
     created: bool = True
+    conversation: Conversation | None = None  # as the transaction read it (participants, names)
 
 
 def _plan(send: Send, now: datetime) -> Posted:
@@ -296,13 +353,18 @@ class ChatStore:
         """Raise if Firestore cannot be reached (readiness probe)."""
         await self.db.collection(CONVERSATIONS).document("_readyz").get(timeout=3)
 
-    async def create_conversation(self, owner_id: str, title: str) -> Conversation:
+    def read_ref(self, conversation_id: str, user_id: str):
+        return self.conversation_ref(conversation_id).collection(READS).document(user_id)
+
+    async def create_conversation(self, owner_id: str, title: str, owner_name: str | None = None) -> Conversation:
         now = utcnow()
+        names = {owner_id: owner_name} if owner_name else {}
         conv = Conversation(id=new_id(), owner_id=owner_id, participants=(owner_id,), title=title,
-                            created_at=now, updated_at=now)
+                            created_at=now, updated_at=now, names=names)
         await self.conversation_ref(conv.id).create({
             "owner_id": owner_id, "participants": [owner_id], "title": title,
-            "created_at": now, "updated_at": now, "updated_key": order_key(now, conv.id)})
+            "created_at": now, "updated_at": now, "updated_key": order_key(now, conv.id),
+            "ai_mode": protocol.AI_ALWAYS, "names": names})
         return conv
 
     async def get_conversation(self, conversation_id: str) -> Conversation:
@@ -330,13 +392,22 @@ class ChatStore:
         return items, next_cursor
 
     async def rename_conversation(self, conversation_id: str, user_id: str, title: str) -> Conversation:
+        return await self.update_conversation(conversation_id, user_id, title=title)
+
+    async def update_conversation(self, conversation_id: str, user_id: str, *, title: str | None = None,
+                                  ai_mode: str | None = None) -> Conversation:
+        """Owner only: a new title and/or AI mode; bumps ``updated_at``."""
         await self.require_owner(conversation_id, user_id)
         now = utcnow()
-        await self.conversation_ref(conversation_id).update(
-            {"title": title, "updated_at": now, "updated_key": order_key(now, conversation_id)})
+        changes: dict[str, Any] = {"updated_at": now, "updated_key": order_key(now, conversation_id)}
+        if title is not None:
+            changes["title"] = title
+        if ai_mode is not None:
+            changes["ai_mode"] = ai_mode
+        await self.conversation_ref(conversation_id).update(changes)
         return await self.get_conversation(conversation_id)
 
-    async def delete_conversation(self, conversation_id: str, user_id: str) -> None:
+    async def delete_conversation(self, conversation_id: str, user_id: str) -> Conversation:
         """Delete the conversation with all its messages and chunks.
 
         The replies still pending or streaming give their users' slots back:
@@ -344,7 +415,7 @@ class ChatStore:
         and a streaming one's worker frees it too when it sees the deletion
         (freeing twice does no harm).
         """
-        await self.require_owner(conversation_id, user_id)
+        conv = await self.require_owner(conversation_id, user_id)
         in_progress = (self.conversation_ref(conversation_id).collection(MESSAGES)
                        .where(filter=firestore.FieldFilter("status", "in", list(protocol.IN_PROGRESS_STATUSES))))
         batch = self.db.batch()
@@ -353,12 +424,28 @@ class ChatStore:
         await self.db.recursive_delete(self.conversation_ref(conversation_id))
         if len(batch):
             await batch.commit()
+        return conv
 
-    async def add_participant(self, conversation_id: str, owner_id: str, user_id: str) -> Conversation:
-        conv = await self.require_owner(conversation_id, owner_id)
+    async def add_participant(self, conversation_id: str, owner_id: str, user_id: str,
+                              name: str | None = None) -> Conversation:
+        """Add ``user_id`` (any user id, signed in or not); ``name`` (their profile's) goes into ``names``."""
+        doc = await self.conversation_ref(conversation_id).get()
+        conv = participant_of(doc, owner_id)
+        if conv.owner_id != owner_id:
+            raise Forbidden("only the owner may do this")
         if user_id not in conv.participants and len(conv.participants) >= MAX_PARTICIPANTS:
             raise InvalidArgument(f"a conversation has at most {MAX_PARTICIPANTS} participants")
-        await self.conversation_ref(conversation_id).update({"participants": firestore.ArrayUnion([user_id])})
+        changes: dict[str, Any] = {"participants": firestore.ArrayUnion([user_id])}
+        if name and conv.names.get(user_id) != name:
+            # The whole map, written only if the document is as read: nothing written meanwhile is lost.
+            changes["names"] = {**conv.names, user_id: name}
+            try:
+                await self.conversation_ref(conversation_id).update(
+                    changes, option=self.db.write_option(last_update_time=doc.update_time))
+                return await self.get_conversation(conversation_id)
+            except gexc.FailedPrecondition:
+                del changes["names"]  # changed meanwhile: the name comes with the user's first message
+        await self.conversation_ref(conversation_id).update(changes)
         return await self.get_conversation(conversation_id)
 
     async def remove_participant(self, conversation_id: str, actor_id: str, user_id: str) -> Conversation:
@@ -419,27 +506,38 @@ class ChatStore:
                       for uid, ref in quota_refs.items()}
             counted: set[str] = set()
             stored: set[str] = set()
+            read_up_to: dict[tuple[str, str], str] = {}
             results: list[Posted | ChatError] = []
             for send, posted in zip(sends, planned, strict=True):
                 message, reply = posted.message, posted.reply
                 try:
-                    participant_of(docs[conv_refs[send.conversation_id].path], send.user_id)
+                    conv = participant_of(docs[conv_refs[send.conversation_id].path], send.user_id)
                     if message.id in retried and (docs[retried[message.id].path].exists or message.id in stored):
-                        results.append(replace(posted, created=False))
+                        results.append(replace(posted, created=False, conversation=conv))
                         continue
-                    if quota is not None:
+                    # The conversation's AI mode decides, here, whether the message gets a reply at all:
+                    # an unanswered message creates no reply and counts against no AI quota.
+                    answered = protocol.ai_answers(conv.ai_mode, message.content)
+                    if answered and quota is not None:
                         quotas[send.user_id] = admit(quotas[send.user_id], reply.id, now, quota)
                         counted.add(send.user_id)
                 except ChatError as err:
                     results.append(err)
                     continue
                 transaction.create(self.message_ref(message.conversation_id, message.id), message.to_doc())
-                transaction.create(self.message_ref(reply.conversation_id, reply.id),
-                                   {**reply.to_doc(), "heartbeat_at": reply.created_at})
+                if answered:
+                    transaction.create(self.message_ref(reply.conversation_id, reply.id),
+                                       {**reply.to_doc(), "heartbeat_at": reply.created_at})
                 stored.add(message.id)
-                results.append(posted)
+                # Sending reads everything before: the sender's read marker moves to their message.
+                read_up_to[(message.conversation_id, send.user_id)] = max(
+                    read_up_to.get((message.conversation_id, send.user_id), ""), message.sort_key)
+                results.append(replace(posted, reply=reply if answered else None, conversation=conv))
             for uid in counted:
                 transaction.set(quota_refs[uid], quotas[uid])
+            for (cid, uid), key in read_up_to.items():
+                # A blind write (the marker is not read here): it cannot conflict with other senders.
+                transaction.set(self.read_ref(cid, uid), {"key": key, "read_at": now})
             return results, docs
 
         try:
@@ -454,24 +552,29 @@ class ChatStore:
             raise
         await self._read_back_retries(results, deadline)
         for conv_ref in conv_refs.values():
-            if any(isinstance(r, Posted) and r.created and r.message.conversation_id == conv_ref.id
-                   for r in results):
-                self._touch_soon(docs[conv_ref.path], now)
+            names = {r.message.user_id: r.message.username for r in results
+                     if isinstance(r, Posted) and r.created and r.message.conversation_id == conv_ref.id}
+            if names:
+                self._touch_soon(docs[conv_ref.path], now, names)
         return results
 
     async def _read_back_retries(self, results: list[Posted | ChatError], deadline: Deadline) -> None:
         """Replace the plans of retried sends by the documents the first attempt stored."""
         for i, result in enumerate(results):
             if isinstance(result, Posted) and not result.created:
-                refs = [self.message_ref(result.message.conversation_id, m.id) for m in (result.message, result.reply)]
+                cid, mid = result.message.conversation_id, result.message.id
+                refs = [self.message_ref(cid, m) for m in (mid, reply_id(mid))]
                 docs = {d.id: d for d in await bounded(_collect(self.db.get_all(refs)), deadline)}
-                if not all(d.exists for d in docs.values()):
+                if not docs[mid].exists:
                     results[i] = NotFound("message not found")
                     continue
-                results[i] = Posted(Message.from_doc(result.message.conversation_id, docs[result.message.id]),
-                                    Message.from_doc(result.message.conversation_id, docs[result.reply.id]), False)
+                # No reply document: the AI mode left the first attempt unanswered.
+                reply = docs[reply_id(mid)]
+                results[i] = Posted(Message.from_doc(cid, docs[mid]),
+                                    Message.from_doc(cid, reply) if reply.exists else None, False,
+                                    result.conversation)
 
-    def _touch_soon(self, conv_doc, now: datetime) -> None:
+    def _touch_soon(self, conv_doc, now: datetime, names: Mapping[str, str] | None = None) -> None:
         """Bump the conversation's ``updated_at`` in the background, at most once a second.
 
         Outside the message transaction: a write to the conversation there would
@@ -485,6 +588,13 @@ class ChatStore:
         if (now - conv_doc.get("updated_at") < TOUCH_INTERVAL
                 or (last is not None and now - last < TOUCH_INTERVAL)):
             return
+        changes: dict[str, Any] = {"updated_at": now, "updated_key": order_key(now, conversation_id)}
+        stored_names = (conv_doc.to_dict() or {}).get("names")
+        stored_names = stored_names if isinstance(stored_names, dict) else {}
+        renamed = {u: n for u, n in (names or {}).items() if n and stored_names.get(u) != n}
+        if renamed:
+            # The whole map: the update is conditional on the document as read, so nothing is lost.
+            changes["names"] = {**stored_names, **renamed}
         self._touched[conversation_id] = now
         if len(self._touched) > TOUCH_MEMORY:
             self._touched = {c: t for c, t in self._touched.items() if now - t < TOUCH_INTERVAL}
@@ -492,8 +602,8 @@ class ChatStore:
         async def touch() -> None:
             try:
                 await asyncio.wait_for(conv_doc.reference.update(
-                    {"updated_at": now, "updated_key": order_key(now, conversation_id)},
-                    option=self.db.write_option(last_update_time=conv_doc.update_time)), TOUCH_TIMEOUT_SECONDS)
+                    changes, option=self.db.write_option(last_update_time=conv_doc.update_time)),
+                    TOUCH_TIMEOUT_SECONDS)
             except (gexc.FailedPrecondition, gexc.NotFound):
                 pass  # changed meanwhile (another sender touched it, or it was renamed or deleted)
             except Exception as exc:  # the list order is refreshed by the next message
@@ -502,6 +612,138 @@ class ChatStore:
         task = asyncio.ensure_future(touch())
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+
+    # -- read markers and unread counts (issue 16) -------------------------
+    async def mark_read(self, conversation_id: str, user_id: str, message_id: str | None,
+                        deadline: Deadline | None = None) -> str:
+        """Move the user's read marker to ``message_id`` (or to now), never back; returns the marker's key."""
+        deadline = deadline or Deadline(DEFAULT_DEADLINE_SECONDS)
+        conv_ref, read_ref = self.conversation_ref(conversation_id), self.read_ref(conversation_id, user_id)
+        refs = [conv_ref, read_ref] + ([self.message_ref(conversation_id, message_id)] if message_id else [])
+
+        async def body(transaction) -> str:
+            docs = {doc.reference.path: doc async for doc in self.db.get_all(refs, transaction=transaction)}
+            participant_of(docs[conv_ref.path], user_id)
+            if message_id:
+                message_doc = docs[refs[2].path]
+                if not message_doc.exists:
+                    raise NotFound("message not found")
+                key = Message.from_doc(conversation_id, message_doc).sort_key
+            else:
+                key = f"{_micros(utcnow()):017d}-~"  # after every message stored so far ('~' sorts after ids)
+            old = docs[read_ref.path].get("key") if docs[read_ref.path].exists else None
+            if old is not None and old >= key:
+                return old
+            transaction.set(read_ref, {"key": key, "read_at": utcnow()})
+            return key
+
+        return await run_transaction(self.db, body, deadline)
+
+    async def unread_count(self, conversation_id: str, marker: str | None) -> int:
+        """Messages after ``marker`` (all of them without one), counted up to ``MAX_UNREAD``."""
+        query = self.conversation_ref(conversation_id).collection(MESSAGES)
+        if marker is not None:
+            query = query.where(filter=firestore.FieldFilter("sort_key", ">", marker))
+        result = await query.limit(MAX_UNREAD).count().get()
+        return int(result[0][0].value)
+
+    async def unread_counts(self, conversations: Sequence[Conversation], user_id: str,
+                            budget_seconds: float) -> dict[str, int | None]:
+        """``{conversation_id: unread}`` for a page of conversations; None where counting did not fit the budget.
+
+        Cost: one batched read of the user's markers, then one count
+        aggregation (capped at ``MAX_UNREAD``) per conversation with activity
+        after its marker; a conversation whose marker is later than its
+        ``updated_at`` (plus a margin) needs none. A user's own messages are
+        never unread: sending moves the sender's marker to the message.
+        """
+        counts: dict[str, int | None] = {c.id: None for c in conversations}
+        if not conversations:
+            return counts
+        markers = {}
+        async for doc in self.db.get_all([self.read_ref(c.id, user_id) for c in conversations]):
+            markers[doc.reference.parent.parent.id] = doc.get("key") if doc.exists else None
+        todo = []
+        for conv in conversations:
+            marker = markers.get(conv.id)
+            if marker is not None and marker >= f"{_micros(conv.updated_at + UNREAD_SKIP_MARGIN):017d}":
+                counts[conv.id] = 0
+            else:
+                todo.append((conv.id, marker))
+        limit = asyncio.Semaphore(UNREAD_CONCURRENCY)
+
+        async def count(cid: str, marker: str | None) -> None:
+            async with limit:
+                counts[cid] = await self.unread_count(cid, marker)
+
+        tasks = [asyncio.ensure_future(count(cid, marker)) for cid, marker in todo]
+        if tasks:
+            done, pending = await asyncio.wait(tasks, timeout=max(0.0, budget_seconds))
+            for task in pending:
+                task.cancel()
+            for task in done:
+                if task.exception() is not None:
+                    logger.warning("unread count failed: %r", task.exception())
+        return counts
+
+    async def read_marker(self, conversation_id: str, user_id: str) -> str | None:
+        doc = await self.read_ref(conversation_id, user_id).get()
+        return doc.get("key") if doc.exists else None
+
+    # -- regenerate (issue 16) ------------------------------------------------
+    async def regenerate_reply(self, conversation_id: str, message_id: str, user_id: str,
+                               quota: QuotaPolicy | None = None, deadline: Deadline | None = None,
+                               request_key: str | None = None) -> tuple[Message, bool]:
+        """A new pending reply to the user message ``message_id``, asked for by ``user_id``.
+
+        The conversation's AI mode does not apply (an explicit request); the
+        user's AI quota does, as for a message. The reply's prompt sees the
+        history up to that user message (``history_until``). With a
+        ``request_key`` (the client's retry key) the reply id is deterministic
+        and a retry finds the first attempt's reply (``created`` False).
+        Returns ``(reply, created)``.
+        """
+        deadline = deadline or Deadline(DEFAULT_DEADLINE_SECONDS)
+        if request_key:
+            digest = hashlib.sha256(f"{conversation_id}\0{user_id}\0{request_key}".encode()).hexdigest()
+            new_reply_id = f"{message_id[:80]}-g{digest[:20]}"
+        else:
+            new_reply_id = f"{message_id[:80]}-g{new_id()}"
+        conv_ref = self.conversation_ref(conversation_id)
+        message_ref = self.message_ref(conversation_id, message_id)
+        reply_ref = self.message_ref(conversation_id, new_reply_id)
+        quota_ref = self.db.collection(QUOTAS).document(user_id)
+        refs = [conv_ref, message_ref, reply_ref] + ([quota_ref] if quota else [])
+
+        async def body(transaction) -> tuple[Message, bool, Any]:
+            docs = {doc.reference.path: doc async for doc in self.db.get_all(refs, transaction=transaction)}
+            participant_of(docs[conv_ref.path], user_id)
+            message_doc = docs[message_ref.path]
+            if not message_doc.exists:
+                raise NotFound("message not found")
+            if message_doc.get("role") != protocol.ROLE_USER:
+                raise InvalidArgument("only a user message can be answered again; give the id of the question")
+            if docs[reply_ref.path].exists:
+                return Message.from_doc(conversation_id, docs[reply_ref.path]), False, docs[conv_ref.path]
+            now = utcnow()
+            question = Message.from_doc(conversation_id, message_doc)
+            if quota is not None:
+                quota_doc = docs[quota_ref.path]
+                transaction.set(quota_ref, admit(quota_doc.to_dict() if quota_doc.exists else None,
+                                                 new_reply_id, now, quota))
+            reply = Message(id=new_reply_id, conversation_id=conversation_id, role=protocol.ROLE_ASSISTANT,
+                            content="", user_id=user_id, created_at=now, status=protocol.PENDING,
+                            reply_to=message_id, history_until=question.sort_key)
+            transaction.create(reply_ref, {**reply.to_doc(), "heartbeat_at": now})
+            return reply, True, docs[conv_ref.path]
+
+        try:
+            reply, created, conv_doc = await run_transaction(self.db, body, deadline)
+        except gexc.AlreadyExists:  # a retry on another instance won the race
+            reply, created, conv_doc = await run_transaction(self.db, body, deadline)
+        if created:
+            self._touch_soon(conv_doc, reply.created_at)  # the list's order and the unread counts see it
+        return reply, created
 
     async def get_message(self, conversation_id: str, message_id: str) -> Message:
         doc = await self.message_ref(conversation_id, message_id).get()

@@ -50,7 +50,7 @@ from google.cloud import firestore
 
 from . import protocol, topology
 from .errors import Forbidden, InvalidArgument, NotFound, RateLimited, TooLarge
-from .store import TOUCH_INTERVAL, ChatStore, Message, order_key, utcnow
+from .store import TOUCH_INTERVAL, ChatStore, Conversation, Message, order_key, utcnow
 
 UPLOAD_QUOTAS = "upload_quotas"
 STORED_BY_DAY = "stored_bytes_by_day"
@@ -271,6 +271,14 @@ class Acceptance:
     busy: bool = False
     refusal: InvalidArgument | Forbidden | NotFound | TooLarge | None = None
     delete_object: bool = False
+    conversation: Conversation | None = None  # with ``emit``: whose participants' lists hear of the message
+
+    def list_update(self) -> tuple[list[str], dict] | None:
+        """``(rooms, payload)`` of the ``conversation_updated`` that follows ``file_uploaded``, if any."""
+        if not self.emit or self.message is None or self.conversation is None:
+            return None
+        return self.conversation.user_rooms(), protocol.conversation_updated_payload(
+            self.conversation.id, protocol.UPDATE_MESSAGE, self.conversation.to_wire(), self.message.last_message())
 
 
 class UploadStore:
@@ -367,7 +375,10 @@ class UploadStore:
             if now - conv_doc.get("updated_at") >= TOUCH_INTERVAL:
                 transaction.update(self.store.conversation_ref(upload.conversation_id),
                                    {"updated_at": now, "updated_key": order_key(now, upload.conversation_id)})
-            return Acceptance(message=message, emit=True)
+            # Sending reads everything before: the uploader's read marker moves to the file message.
+            transaction.set(self.store.read_ref(upload.conversation_id, upload.user_id),
+                            {"key": message.sort_key, "read_at": now})
+            return Acceptance(message=message, emit=True, conversation=Conversation.from_doc(conv_doc))
 
         return await write(self.db.transaction())
 
@@ -386,6 +397,8 @@ class UploadStore:
             transaction=transaction)
         if not msg_doc.exists:  # the conversation was deleted since
             return Acceptance()
+        conv_doc = await self.store.conversation_ref(upload.conversation_id).get(transaction=transaction)
+        conversation = Conversation.from_doc(conv_doc) if conv_doc.exists else None
         message = Message.from_doc(upload.conversation_id, msg_doc)
         data = doc.to_dict()
         if data.get("emitted"):
@@ -394,7 +407,7 @@ class UploadStore:
         if claimed is not None and now - claimed < EMIT_CLAIM_TIMEOUT:
             return Acceptance(message=message, busy=True)
         transaction.update(ref, {"emit_claimed_at": now})
-        return Acceptance(message=message, emit=True)
+        return Acceptance(message=message, emit=True, conversation=conversation)
 
     async def mark_emitted(self, upload_id: str) -> None:
         await self.upload_ref(upload_id).update({"emitted": True, "emitted_at": utcnow()})

@@ -44,6 +44,7 @@ from chatcore.async_pubsub_manager import AsyncGooglePubSubManager
 from chatcore.auth import TokenVerifier
 from chatcore.errors import Unavailable
 from chatcore.instances import InstanceRegistry, sweep_abandoned
+from chatcore.profiles import ProfileStore
 from chatcore.publisher import Publisher
 from chatcore.pubsub_rpc import backoff
 from chatcore.replies import ABANDONED, ReplyStore
@@ -53,6 +54,7 @@ from chatcore.store import ChatStore
 from . import http_api
 from .frames import ChatServer
 from .headers import security_headers, security_headers_middleware
+from .lists import ListUpdates
 from .realtime import ChatNamespace
 from .settings import Settings
 from .ui import add_ui_routes
@@ -180,7 +182,9 @@ def create_app(settings: Settings, *, firestore_client=None, publisher=None, sub
     verifier = verifier or TokenVerifier(settings.auth)
     ai_requests = AiRequestPublisher(bus.transport.publisher, settings.gcp.project_id, topo.ai_requests_topic,
                                      store, sio)
-    sio.register_namespace(ChatNamespace(settings, store, verifier, ai_requests))
+    profiles = ProfileStore(db)
+    lists = ListUpdates(sio, profiles)
+    sio.register_namespace(ChatNamespace(settings, store, verifier, ai_requests, profiles=profiles, lists=lists))
 
     state = {"bus": bus, "shutting_down": False, "bus_subscribed": False, "bus_status": "not subscribed yet"}
     app = web.Application(middlewares=[security_headers_middleware(security_headers(settings)),
@@ -192,6 +196,8 @@ def create_app(settings: Settings, *, firestore_client=None, publisher=None, sub
     app[http_api.VERIFIER] = verifier
     app[http_api.SIO] = sio
     app[http_api.STATE] = state
+    app[http_api.PROFILES] = profiles
+    app[http_api.LISTS] = lists
     # Files: signed download URLs in the history, and deletion with the conversation.
     app[http_api.STORAGE] = storage_client or storage.Client(project=settings.gcp.project_id)
     app[http_api.SIGNER] = signer or UrlSigner(settings.signing, settings.uploads_bucket)

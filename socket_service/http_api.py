@@ -23,9 +23,11 @@ from chatcore import store as store_mod
 from chatcore import uploads as uploads_mod
 from chatcore.auth import Identity, TokenVerifier, bearer_token, issue_token
 from chatcore.errors import ChatError, InvalidArgument, NotFound, Unauthenticated, Unavailable
+from chatcore.profiles import UNSET, ProfileStore
 from chatcore.signing import SigningUnavailable, UrlSigner
 from chatcore.transactions import is_transient, unavailable
 
+from .lists import ListUpdates
 from .ratelimit import UserBuckets
 from .settings import Settings
 
@@ -39,8 +41,15 @@ STATE = web.AppKey("state", dict)
 SIGNER = web.AppKey("signer", UrlSigner)
 STORAGE = web.AppKey("storage", object)  # google.cloud.storage.Client of the uploads bucket
 USER_LIMITS = web.AppKey("user_limits", UserBuckets)  # the HTTP API's per-user rate limits
+PROFILES = web.AppKey("profiles", ProfileStore)
+LISTS = web.AppKey("lists", ListUpdates)
 
 MAX_JSON_BODY = 64 * 1024
+# Bounds of the issue-16 additions: name look-ups, unread counts, contacts.
+NAMES_SECONDS = 2.0
+UNREAD_SECONDS = 3.0
+CONTACT_CONVERSATIONS = 50
+MAX_CONTACTS = 200
 READY_CHECK_SECONDS = 2.5
 # Readiness is public: its answer is reused this long, so probes cannot multiply backend calls.
 READY_CACHE_SECONDS = 1.0
@@ -104,7 +113,7 @@ def cors_middleware(allowed: tuple[str, ...]):
             if not ok:
                 return web.Response(status=403)
             response = web.Response(status=204)
-            response.headers["Access-Control-Allow-Methods"] = "GET, POST, PATCH, DELETE, OPTIONS"
+            response.headers["Access-Control-Allow-Methods"] = "GET, POST, PUT, PATCH, DELETE, OPTIONS"
             response.headers["Access-Control-Allow-Headers"] = "Authorization, Content-Type"
             response.headers["Access-Control-Max-Age"] = "600"
         else:
@@ -128,6 +137,9 @@ async def identity(request: web.Request) -> Identity:
     else:
         user = verifier.verify(token)
     request.app[USER_LIMITS].take(user.user_id)
+    # The caller's profile: created or refreshed in the background, at most once per
+    # PROFILE_REFRESH_SECONDS per user on this instance (chatcore/profiles.py).
+    request.app[PROFILES].ensure_soon(user.user_id, user.name)
     return user
 
 
@@ -273,25 +285,64 @@ async def create_conversation(request: web.Request) -> web.Response:
     user = await identity(request)
     body = await json_body(request)
     title = store_mod.clean_title(protocol.parse_title(body.get("title")))
-    conv = await request.app[STORE].create_conversation(user.user_id, title)
+    name = await request.app[PROFILES].send_name(user.user_id, user.name)
+    conv = await request.app[STORE].create_conversation(user.user_id, title, name)
+    request.app[LISTS].send_soon(conv, protocol.UPDATE_CREATED)
     return web.json_response(conv.to_wire(), status=201)
+
+
+async def _wire_conversations(app: web.Application, convs: list[store_mod.Conversation]) -> list[dict]:
+    """Conversation objects; participants the conversations have no name of are named from their profiles."""
+    missing = [u for c in convs for u in c.missing_names()]
+    names: dict[str, str] = {}
+    if missing:
+        try:
+            names = await asyncio.wait_for(app[PROFILES].names(missing), NAMES_SECONDS)
+        except Exception as exc:  # names are a nicety: ids stand in
+            logger.warning("participant names not read: %r", exc)
+    return [c.to_wire(names) for c in convs]
+
+
+def _unread_budget(app: web.Application) -> float:
+    return min(UNREAD_SECONDS, app[SETTINGS].request_deadline_seconds / 3)
 
 
 async def list_conversations(request: web.Request) -> web.Response:
     user = await identity(request)
     limit = store_mod.page_size(request.query.get("limit"))
-    items, cursor = await request.app[STORE].list_conversations(user.user_id, limit, request.query.get("cursor"))
-    return web.json_response({"items": [c.to_wire() for c in items], "next_cursor": cursor})
+    store = request.app[STORE]
+    items, cursor = await store.list_conversations(user.user_id, limit, request.query.get("cursor"))
+    wired, unread = await asyncio.gather(
+        _wire_conversations(request.app, items),
+        store.unread_counts(items, user.user_id, _unread_budget(request.app)))
+    for item in wired:
+        item["unread_count"] = unread.get(item["id"])
+    return web.json_response({"items": wired, "next_cursor": cursor})
+
+
+async def get_conversation(request: web.Request) -> web.Response:
+    user = await identity(request)
+    store = request.app[STORE]
+    conv = await store.require_participant(conversation_id(request), user.user_id)
+    [wired], unread = await asyncio.gather(_wire_conversations(request.app, [conv]),
+                                           store.unread_counts([conv], user.user_id, _unread_budget(request.app)))
+    wired["unread_count"] = unread.get(conv.id)
+    return web.json_response(wired)
 
 
 async def rename_conversation(request: web.Request) -> web.Response:
+    """PATCH: ``{title?, ai_mode?}``, at least one; owner only."""
     user = await identity(request)
     body = await json_body(request)
-    if "title" not in body:
-        raise InvalidArgument("title is required")
-    conv = await request.app[STORE].rename_conversation(conversation_id(request), user.user_id,
-                                                        store_mod.clean_title(protocol.parse_title(body["title"])))
-    return web.json_response(conv.to_wire())
+    if "title" not in body and "ai_mode" not in body:
+        raise InvalidArgument("title is required (or ai_mode)")
+    title = store_mod.clean_title(protocol.parse_title(body["title"])) if "title" in body else None
+    ai_mode = protocol.parse_ai_mode(body["ai_mode"]) if "ai_mode" in body else None
+    conv = await request.app[STORE].update_conversation(conversation_id(request), user.user_id, title=title,
+                                                        ai_mode=ai_mode)
+    request.app[LISTS].send_soon(conv, protocol.UPDATE_RENAMED if title is not None else protocol.UPDATE_AI_MODE)
+    [wired] = await _wire_conversations(request.app, [conv])
+    return web.json_response(wired)
 
 
 async def delete_conversation(request: web.Request) -> web.Response:
@@ -301,7 +352,8 @@ async def delete_conversation(request: web.Request) -> web.Response:
     await store.require_owner(cid, user.user_id)
     # Files first: if that fails the owner can retry, since the conversation still exists.
     await _delete_objects(request.app, cid, strict=True)
-    await store.delete_conversation(cid, user.user_id)
+    conv = await store.delete_conversation(cid, user.user_id)
+    request.app[LISTS].send_soon(conv, protocol.UPDATE_DELETED, with_conversation=False)
     await request.app[SIO].close_room(protocol.conversation_room(cid))
     # A file accepted between the two passes; later uploads are refused by the finalize function.
     await _delete_objects(request.app, cid, strict=False)
@@ -331,10 +383,23 @@ async def _file_urls(app: web.Application, messages: list[store_mod.Message]) ->
 
 
 async def add_participant(request: web.Request) -> web.Response:
+    """``{user_id}`` (any user id, as the contract has it) or ``{handle}`` (which must exist)."""
     user = await identity(request)
     body = await json_body(request)
-    new_user = protocol.parse_user_id(body.get("user_id"))
-    conv = await request.app[STORE].add_participant(conversation_id(request), user.user_id, new_user)
+    profiles = request.app[PROFILES]
+    if "handle" in body:
+        if "user_id" in body:
+            raise InvalidArgument("give user_id or handle, not both")
+        handle = protocol.parse_handle(body["handle"])
+        new_user = await profiles.user_id_of(handle)
+        if new_user is None:
+            raise NotFound(f"nobody has the handle @{handle}")
+    else:
+        new_user = protocol.parse_user_id(body.get("user_id"))
+    profile = await profiles.get(new_user)
+    conv = await request.app[STORE].add_participant(conversation_id(request), user.user_id, new_user,
+                                                    profile.name if profile else None)
+    request.app[LISTS].send_soon(conv, protocol.UPDATE_PARTICIPANTS)
     return web.json_response({"participants": list(conv.participants)})
 
 
@@ -349,7 +414,83 @@ async def remove_participant(request: web.Request) -> web.Response:
     await request.app[STATE]["bus"].leave_room_members(protocol.user_room(removed), room)
     await request.app[SIO].emit(protocol.LEFT_ROOM, {"conversation_id": cid, "message": "removed from the conversation"},
                                 room=protocol.user_room(removed))
+    lists = request.app[LISTS]
+    lists.send_soon(conv, protocol.UPDATE_REMOVED, rooms=[protocol.user_room(removed)], with_conversation=False)
+    lists.send_soon(conv, protocol.UPDATE_PARTICIPANTS)
     return web.json_response({"participants": list(conv.participants)})
+
+
+async def mark_read(request: web.Request) -> web.Response:
+    """PUT or POST ``/api/conversations/{id}/read`` ``{message_id?}``: read up to that message (or now)."""
+    user = await identity(request)
+    cid = conversation_id(request)
+    body = await json_body(request)
+    message_id = protocol.parse_message_id(body.get("message_id"))
+    store = request.app[STORE]
+    marker = await store.mark_read(cid, user.user_id, message_id)
+    try:
+        unread = await asyncio.wait_for(store.unread_count(cid, marker), _unread_budget(request.app))
+    except Exception as exc:  # the marker is stored; the count is a nicety
+        logger.warning("unread count of %s not read: %r", cid, exc)
+        unread = None
+    answer = {"conversation_id": cid, "unread_count": unread}
+    # The user's other devices clear their badge.
+    await request.app[SIO].emit(protocol.CONVERSATION_UPDATED, protocol.conversation_updated_payload(
+        cid, protocol.UPDATE_READ, unread_count=unread), room=protocol.user_room(user.user_id))
+    return web.json_response(answer)
+
+
+# -- people (issue 16) -----------------------------------------------------
+async def get_me(request: web.Request) -> web.Response:
+    user = await identity(request)
+    profile = await request.app[PROFILES].ensure(user.user_id, user.name)
+    return web.json_response(profile.to_wire())
+
+
+async def patch_me(request: web.Request) -> web.Response:
+    """``{name?, handle?}``: a chosen display name; a unique handle (``null`` removes it)."""
+    user = await identity(request)
+    body = await json_body(request)
+    if "name" not in body and "handle" not in body:
+        raise InvalidArgument("name or handle is required")
+    name = protocol.parse_profile_name(body["name"]) if "name" in body else UNSET
+    handle = UNSET
+    if "handle" in body:
+        handle = None if body["handle"] is None else protocol.parse_handle(body["handle"])
+    profile = await request.app[PROFILES].update(user.user_id, user.name, name=name, handle=handle)
+    return web.json_response(profile.to_wire())
+
+
+async def lookup_user(request: web.Request) -> web.Response:
+    """``?q=`` an exact handle (``@`` optional) or user id; never a search."""
+    await identity(request)
+    raw = request.query.get("q")
+    if raw is None or not raw.strip():
+        raise InvalidArgument("q (a handle or a user id) is required")
+    query = protocol.parse_user_id(raw.strip())
+    try:
+        handle = protocol.parse_handle(query)
+    except InvalidArgument:
+        handle = None
+    profile = await request.app[PROFILES].lookup(query, handle)
+    if profile is None:
+        raise NotFound("no user with that handle or id")
+    return web.json_response(profile.to_wire())
+
+
+async def list_contacts(request: web.Request) -> web.Response:
+    """People who share one of the caller's most recent conversations (bounded), with names and handles."""
+    user = await identity(request)
+    convs, _ = await request.app[STORE].list_conversations(user.user_id, CONTACT_CONVERSATIONS, None)
+    ids = list(dict.fromkeys(u for c in convs for u in c.participants if u != user.user_id))[:MAX_CONTACTS]
+    profiles = request.app[PROFILES]
+    names = await asyncio.wait_for(profiles.names(ids), NAMES_SECONDS) if ids else {}
+    items = []
+    for uid in ids:
+        profile = await profiles.get(uid) if uid in names else None  # cached by names()
+        items.append({"user_id": uid, "name": names.get(uid) or next(
+            (c.names[uid] for c in convs if c.names.get(uid)), uid), "handle": profile.handle if profile else None})
+    return web.json_response({"items": items})
 
 
 async def list_messages(request: web.Request) -> web.Response:
@@ -376,8 +517,15 @@ def add_routes(app: web.Application, settings: Settings) -> None:
         app.router.add_post("/api/dev/token", dev_token)
     app.router.add_post("/api/conversations", create_conversation)
     app.router.add_get("/api/conversations", list_conversations)
+    app.router.add_get("/api/conversations/{conversation_id}", get_conversation)
     app.router.add_patch("/api/conversations/{conversation_id}", rename_conversation)
     app.router.add_delete("/api/conversations/{conversation_id}", delete_conversation)
     app.router.add_post("/api/conversations/{conversation_id}/participants", add_participant)
     app.router.add_delete("/api/conversations/{conversation_id}/participants/{user_id}", remove_participant)
     app.router.add_get("/api/conversations/{conversation_id}/messages", list_messages)
+    app.router.add_put("/api/conversations/{conversation_id}/read", mark_read)
+    app.router.add_post("/api/conversations/{conversation_id}/read", mark_read)
+    app.router.add_get("/api/me", get_me)
+    app.router.add_patch("/api/me", patch_me)
+    app.router.add_get("/api/users/lookup", lookup_user)
+    app.router.add_get("/api/contacts", list_contacts)

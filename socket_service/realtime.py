@@ -11,6 +11,7 @@ import asyncio
 import logging
 import time
 from contextvars import ContextVar
+from datetime import datetime
 from typing import Any
 
 import socketio
@@ -27,10 +28,12 @@ from chatcore.errors import (
     RateLimited,
     Unauthenticated,
 )
+from chatcore.profiles import ProfileStore
 from chatcore.replies import ReplyStore
 from chatcore.store import ChatStore, Message, Posted, Send
 from chatcore.transactions import CommitUnknown, Deadline, is_transient, unavailable
 
+from .lists import ListUpdates
 from .ratelimit import ConnectionCap, FloodWatch, TokenBucket
 from .settings import Settings
 
@@ -61,10 +64,12 @@ def connection_refused(err: ChatError) -> socketio.exceptions.ConnectionRefusedE
 
 class ChatNamespace(socketio.AsyncNamespace):
     def __init__(self, settings: Settings, store: ChatStore, verifier: TokenVerifier, ai_requests,
-                 namespace: str = "/"):
+                 namespace: str = "/", profiles: ProfileStore | None = None, lists: ListUpdates | None = None):
         super().__init__(namespace)
         self.settings = settings
         self.store = store
+        self.profiles = profiles or ProfileStore(store.db)
+        self.lists = lists  # set by create_app (it needs the server); None: no list updates
         self.replies = ReplyStore(store)
         self.verifier = verifier
         self.ai_requests = ai_requests  # async callable(AiRequest)
@@ -188,6 +193,9 @@ class ChatNamespace(socketio.AsyncNamespace):
 
     async def _register(self, sid: str, identity: Identity) -> None:
         await self.save_session(sid, {"user_id": identity.user_id, "name": identity.name})
+        # The user's profile (name, handle) is created or refreshed in the background, at most once
+        # per PROFILE_REFRESH_SECONDS per user on this instance (chatcore/profiles.py).
+        self.profiles.ensure_soon(identity.user_id, identity.name)
         await self.enter_room(sid, protocol.user_room(identity.user_id))
         self._buckets[sid] = TokenBucket(self.settings.events_per_second, self.settings.event_burst)
         self._floods[sid] = FloodWatch(FLOOD_REFUSALS_PER_BURST * self.settings.event_burst)
@@ -274,7 +282,9 @@ class ChatNamespace(socketio.AsyncNamespace):
         text = protocol.parse_message_text(data.get("message"), self.settings.max_message_chars)
         client_message_id = protocol.parse_client_message_id(data.get("client_message_id"))
         user = await self._identity(sid)
-        send = Send.new(conversation_id, user["user_id"], user["name"], text, client_message_id)
+        # The sender's display name at send time: their profile's (a name they chose), else the token's.
+        username = await self.profiles.send_name(user["user_id"], user["name"])
+        send = Send.new(conversation_id, user["user_id"], username, text, client_message_id)
         # Storing and announcing go on even if this request's answer is given
         # up at the deadline: a message that ends up stored is always announced.
         posting = asyncio.ensure_future(self._post(send, REQUEST_DEADLINE.get()))
@@ -293,14 +303,22 @@ class ChatNamespace(socketio.AsyncNamespace):
         return posted.message
 
     async def _announce(self, posted: Posted) -> None:
-        """Broadcast a newly stored message, then hand its reply to the AI function."""
+        """Broadcast a newly stored message, then hand its reply (if the AI mode gave it one) to the AI function."""
         message, reply = posted.message, posted.reply
         room = protocol.conversation_room(message.conversation_id)
         await self.emit(protocol.NEW_MESSAGE, message.to_wire(), room=room)
-        await self.emit(protocol.AI_THINKING, protocol.thinking_payload(message.conversation_id, reply.id), room=room)
-        await self.ai_requests(AiRequest(conversation_id=message.conversation_id, message_id=reply.id,
-                                         user_message_id=message.id, user_id=message.user_id,
-                                         requested_at=protocol.timestamp(message.created_at)))
+        if reply is not None:
+            await self._request_reply(reply, message.id, message.created_at)
+        if self.lists is not None and posted.conversation is not None:
+            self.lists.message(posted.conversation, message)
+
+    async def _request_reply(self, reply: Message, question_id: str, requested_at: datetime) -> None:
+        """``ai_thinking`` to the room, then the request to the AI function."""
+        await self.emit(protocol.AI_THINKING, protocol.thinking_payload(reply.conversation_id, reply.id),
+                        room=protocol.conversation_room(reply.conversation_id))
+        await self.ai_requests(AiRequest(conversation_id=reply.conversation_id, message_id=reply.id,
+                                         user_message_id=question_id, user_id=reply.user_id,
+                                         requested_at=protocol.timestamp(requested_at)))
 
     async def _settle_unknown(self, planned: Posted) -> None:
         """After a commit that was not confirmed: once the database answers, announce the message if it was stored.
@@ -323,6 +341,11 @@ class ChatNamespace(socketio.AsyncNamespace):
             if stored.created_at == planned.message.created_at:
                 logger.warning("message %s was stored although its sender was told unavailable; announcing it",
                                planned.message.id)
+                if planned.reply is not None:
+                    try:  # the AI mode may have left it unanswered
+                        await self.store.get_message(planned.reply.conversation_id, planned.reply.id)
+                    except NotFound:
+                        planned = Posted(planned.message, None, True, planned.conversation)
                 await self._announce(planned)
             return
         logger.error("message %s: outcome unknown after %d attempts", planned.message.id, SETTLE_ATTEMPTS)
@@ -346,7 +369,9 @@ class ChatNamespace(socketio.AsyncNamespace):
         message_id = protocol.parse_message_id(data.get("message_id"))
         user = await self._identity(sid)
         await self.store.require_participant(conversation_id, user["user_id"])
-        results = await self.replies.request_stop(conversation_id, message_id)
+        name = await self.profiles.send_name(user["user_id"], user["name"])
+        results = await self.replies.request_stop(conversation_id, message_id,
+                                                  stopped_by={"user_id": user["user_id"], "name": name})
         room = protocol.conversation_room(conversation_id)
         for result in results:
             # A reply no worker had started is cancelled here; a streaming one
@@ -354,3 +379,21 @@ class ChatNamespace(socketio.AsyncNamespace):
             if result.cancelled_now is not None:
                 await self.emit(protocol.AI_RESPONSE_COMPLETE, result.cancelled_now.to_wire(), room=room)
         return {"ok": True, "message_ids": [r.message_id for r in results]}
+
+    async def on_regenerate(self, sid: str, data: dict):
+        """A new reply to a user message, through the normal AI path (quotas included; the AI mode is not
+        asked: this is an explicit request). Its prompt is the history up to that message."""
+        conversation_id = protocol.parse_conversation_id(data.get("conversation_id"))
+        if data.get("message_id") is None:
+            raise InvalidArgument("message_id (the user message to answer again) is required")
+        message_id = protocol.parse_message_id(data.get("message_id"))
+        request_key = protocol.parse_client_message_id(data.get("client_request_id"))
+        user = await self._identity(sid)
+        reply, created = await self.store.regenerate_reply(
+            conversation_id, message_id, user["user_id"], self.settings.quota, REQUEST_DEADLINE.get(), request_key)
+        if created:
+            # Announcing goes on even if the answer is given up at the deadline, as for send_message.
+            announcing = asyncio.ensure_future(self._request_reply(reply, message_id, reply.created_at))
+            self._keep(announcing)
+            await asyncio.shield(announcing)
+        return {"ok": True, "message_id": reply.id}

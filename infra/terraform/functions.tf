@@ -77,6 +77,7 @@ locals {
     GEMINI_LOCATION          = var.gemini_location
     OPENAI_BASE_URL          = var.openai_base_url
     OPENAI_MODEL             = var.openai_model
+    OPENAI_ORGANIZATION      = var.openai_organization
     # Hosts OPENAI_BASE_URL may name in production; the budget of all replies together.
     OPENAI_ALLOWED_HOSTS      = join(",", var.openai_allowed_hosts)
     AI_GLOBAL_TOKENS_PER_HOUR = var.ai_global_tokens_per_hour

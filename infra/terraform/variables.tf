@@ -367,6 +367,12 @@ variable "openai_model" {
   default     = ""
 }
 
+variable "openai_organization" {
+  type        = string
+  description = "OPENAI_ORGANIZATION, sent as OpenAI-Organization; empty sends none."
+  default     = ""
+}
+
 variable "openai_max_tokens_field" {
   type        = string
   description = "OPENAI_MAX_TOKENS_FIELD: max_tokens, or max_completion_tokens for OpenAI reasoning models."

@@ -29,7 +29,8 @@ from tests.conftest import new_user
 pytestmark = pytest.mark.usefixtures("upload_functions")
 
 WIRE_FILE_KEYS = {"file_id", "filename", "content_type", "size", "url"}
-FILE_UPLOADED_KEYS = {"message_id", "role", "content", "files", "timestamp", "conversation_id", "user_id"}
+FILE_UPLOADED_KEYS = {"message_id", "role", "content", "files", "timestamp", "conversation_id", "user_id",
+                      "username"}
 
 
 def png(width: int = 2, height: int = 2) -> bytes:

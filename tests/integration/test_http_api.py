@@ -57,7 +57,8 @@ async def test_create_conversation(api, make_token):
     owner = new_user()
     status, body = await api.request("POST", "/api/conversations", make_token(owner), json={"title": "  Trip  plans "})
     assert status == 201
-    assert set(body) == {"id", "title", "owner_id", "participants", "created_at", "updated_at"}
+    assert set(body) == {"id", "title", "owner_id", "participants", "created_at", "updated_at", "ai_mode",
+                         "participants_info"}
     assert body["title"] == "Trip plans" and body["owner_id"] == owner and body["participants"] == [owner]
     status, body = await api.request("POST", "/api/conversations", make_token(owner))
     assert status == 201 and body["title"] == "New conversation"

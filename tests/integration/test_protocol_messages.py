@@ -29,7 +29,7 @@ async def test_new_message_and_ai_thinking_payloads(joined):
     assert set(ack) == {"ok", "message_id"} and ack["ok"] is True
     msg = await client.wait_for("new_message")
     assert set(msg) == {"message_id", "role", "content", "timestamp", "conversation_id", "user_id",
-                        "client_message_id"}
+                        "client_message_id", "username"}
     assert msg["message_id"] == ack["message_id"]
     assert msg["role"] == "user" and msg["content"] == "Hi there"
     assert msg["user_id"] == user, "identity comes from the token, never from the payload"

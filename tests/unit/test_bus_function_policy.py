@@ -52,7 +52,7 @@ def test_the_rule_lists_exactly_what_the_functions_emit():
     conv, user = protocol.conversation_room("abc"), protocol.user_room("abc")
     assert set(FUNCTIONS_SEND) == {
         (protocol.AI_RESPONSE_CHUNK, conv), (protocol.AI_RESPONSE_COMPLETE, conv), (protocol.AI_RESPONSE_ERROR, conv),
-        (protocol.FILE_UPLOADED, conv), (protocol.ERROR, user)}
+        (protocol.FILE_UPLOADED, conv), (protocol.ERROR, user), (protocol.CONVERSATION_UPDATED, user)}
 
 
 @pytest.mark.parametrize(("event", "room"), FUNCTIONS_SEND)

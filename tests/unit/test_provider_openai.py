@@ -16,7 +16,7 @@ import pytest
 
 from aistream.providers import ProviderError, create_provider
 from aistream.providers.base import Attachment, Turn
-from aistream.providers.openai_compat import OpenAICompatibleProvider, SSEDecoder, error_code_for_status, redact
+from aistream.providers.openai_compat import OpenAICompatibleProvider, error_code_for_status, redact
 from aistream.settings import Settings
 from tests.fakes.openai_server import OpenAIFakeServer
 
@@ -316,28 +316,6 @@ def test_redact_removes_the_secret_and_bounds_the_length():
 ])
 def test_error_codes_for_http_statuses(status, detail, code):
     assert error_code_for_status(status, detail) == code
-
-
-# -- the SSE parser ----------------------------------------------------------------------------------
-def test_sse_decoder_follows_the_event_stream_rules():
-    decoder = SSEDecoder()
-    stream = (b": keep-alive comment\n\n"
-              b"data: {\"a\":1}\r\n\r\n"
-              b"event: error\ndata: first line\ndata:second line\n\n"
-              b"data: cr only\r\r"
-              b"data: [DONE]\n\n")
-    events = []
-    for i in range(len(stream)):  # one byte at a time: every split point is exercised
-        events += decoder.feed(stream[i:i + 1])
-    events += decoder.close()
-    assert events == [("message", '{"a":1}'), ("error", "first line\nsecond line"), ("message", "cr only"),
-                      ("message", "[DONE]")]
-
-
-def test_sse_decoder_dispatches_a_last_event_without_blank_line():
-    decoder = SSEDecoder()
-    assert decoder.feed(b"data: tail") == []
-    assert decoder.close() == [("message", "tail")]
 
 
 # -- the fake itself -----------------------------------------------------------------------------------

@@ -187,8 +187,22 @@ class _ReplyRun:
         if status != protocol.FAILED:
             self._emit(protocol.AI_RESPONSE_COMPLETE, final.to_wire())
             await asyncio.to_thread(self.gen.bus.flush, 10, room=self.room)
+            await self._update_lists(final)
         logger.info("reply %s ended %s after %d chunks", self.reply.id, final.status, self.progress.seq)
         return final.status
+
+    async def _update_lists(self, final: Message) -> None:
+        """``conversation_updated`` (reason ``message``) to every participant's user room: the reply is the
+        conversation's latest message. One read (the participants) and one bus message; a failure only
+        leaves the lists to catch up with the next message (logged)."""
+        try:
+            conv = await self.gen.replies.store.get_conversation(final.conversation_id)
+            rooms = conv.user_rooms()
+            self.gen.bus.emit(protocol.CONVERSATION_UPDATED, protocol.conversation_updated_payload(
+                conv.id, protocol.UPDATE_MESSAGE, conv.to_wire(), final.last_message()), room=rooms)
+            await asyncio.to_thread(self.gen.bus.flush, 10, room=rooms)
+        except Exception as exc:
+            logger.warning("conversation_updated for reply %s not sent: %r", final.id, exc)
 
     async def _discard(self) -> str:
         """The conversation was deleted mid-reply: remove chunks written after the deletion."""

@@ -46,6 +46,7 @@ class Settings:
     openai_api_key: str
     openai_model: str
     openai_max_tokens_field: str
+    openai_organization: str
     gemini_model: str
     gemini_api_key: str
     gemini_vertexai: bool
@@ -85,6 +86,7 @@ class Settings:
             openai_model=env_str(env, "OPENAI_MODEL", "gpt-4o-mini"),
             openai_max_tokens_field=env_choice(env, "OPENAI_MAX_TOKENS_FIELD", "max_tokens",
                                                ("max_tokens", "max_completion_tokens")),
+            openai_organization=env_str(env, "OPENAI_ORGANIZATION"),
             gemini_model=env_str(env, "GEMINI_MODEL", "gemini-2.5-flash"),
             gemini_api_key=env_str(env, "GEMINI_API_KEY"),
             gemini_vertexai=env_bool(env, "GEMINI_USE_VERTEXAI", not env_str(env, "GEMINI_API_KEY")),

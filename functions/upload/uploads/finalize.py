@@ -210,6 +210,9 @@ class Finalizer:
             urls = self.signer.download_urls(message.files)
             self.bus.emit(protocol.FILE_UPLOADED, message.to_wire(file_urls=urls),
                           room=protocol.conversation_room(message.conversation_id))
+            list_update = result.list_update()  # the participants' conversation lists (issue 16)
+            if list_update is not None:
+                self.bus.emit(protocol.CONVERSATION_UPDATED, list_update[1], room=list_update[0])
             if not self.bus.flush():
                 raise Unavailable("the room bus did not confirm file_uploaded")
         except Exception:

@@ -19,7 +19,8 @@ def create_provider(settings: Settings) -> Provider:
         return OpenAICompatibleProvider(
             base_url=settings.openai_base_url, api_key=settings.openai_api_key, model=settings.openai_model,
             max_output_tokens=settings.max_output_tokens, timeout=settings.provider_timeout_seconds,
-            max_tokens_field=settings.openai_max_tokens_field)
+            max_tokens_field=settings.openai_max_tokens_field,
+            organization=settings.openai_organization or None)
     if settings.provider == "gemini":
         from .gemini import GeminiProvider
 

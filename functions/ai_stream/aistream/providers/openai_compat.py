@@ -1,18 +1,33 @@
-"""Any OpenAI-compatible Chat Completions endpoint (OpenAI, Ollama, vLLM, llama.cpp's server).
+"""Any OpenAI-compatible Chat Completions endpoint (OpenAI, Ollama, vLLM, llama.cpp's server), through the
+official ``openai`` SDK.
 
-One ``POST {base_url}/chat/completions`` with ``"stream": true`` per reply;
-the answer is server-sent events whose ``data`` is a ``chat.completion.chunk``
-(text in ``choices[0].delta.content``), ended by ``data: [DONE]``. The SSE
-parsing is done here, on aiohttp, so the function needs no SDK for it.
+One ``client.chat.completions.create(..., stream=True)`` per reply, that is
+one ``POST {base_url}/chat/completions`` answered with server-sent events
+whose ``data`` is a ``chat.completion.chunk`` (text in
+``choices[0].delta.content``), ended by ``data: [DONE]``. The SDK parses the
+events; a reply is complete once a finish reason arrived.
 
-``timeout`` bounds every wait on the network: connecting, the response
-headers, and each read of the body. A server that stops sending for that long
-is treated as hung. The total length of a reply is the caller's business; the
-bytes the endpoint may make us hold are bounded (``http.py``; an event, by
-``MAX_EVENT_BYTES``).
+What is ours, not the SDK's defaults (see ``openai_transport.py``):
 
-The module also holds what both network providers share: how attachments
-become text, and how an HTTP status becomes a PROTOCOL.md error code.
+- the HTTP stack: the SDK's ``httpx2.AsyncClient`` sends through an aiohttp
+  session of ``http.new_session`` (proxy variables ignored), or one passed in
+  as ``session``; every read is capped underneath the SDK's SSE decoder (a
+  line and an event at 1 MiB, a streamed body at 16 MiB, an error body at
+  64 KiB), and redirects are not followed;
+- no retries (``max_retries=0``): a retry belongs to the caller, and the SDK
+  would otherwise sleep and send the request again on its own;
+- ``timeout`` bounds every wait on the network: connecting and the response
+  headers, then each read of the body. A server that stops sending for that
+  long is treated as hung. The total length of a reply is the caller's
+  business;
+- the headers: ``Authorization`` only with a key, ``OpenAI-Organization`` only
+  with an ``organization``, never ``OpenAI-Project``. The SDK would otherwise
+  take a key, an organization or a project from the environment
+  (``OPENAI_API_KEY``, ``OPENAI_ORG_ID``, ``OPENAI_PROJECT_ID``); settings.py
+  is what reads it;
+- the errors: the SDK's exceptions become ``ProviderError`` with our own
+  words in ``message`` (what the room sees) and the endpoint's words, with
+  the key removed, in ``detail`` (only logged).
 """
 
 from __future__ import annotations
@@ -20,90 +35,49 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import re
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import aiohttp
+import httpx2
+from openai import APIConnectionError, APIError, APIStatusError, APITimeoutError, AsyncOpenAI, Omit, OpenAIError
+from openai.types.chat import ChatCompletionChunk
 
 from .base import ProviderError, Turn, attachment_text, error_code_for_status, is_image, redact, turn_text
-from .http import MAX_EVENT_BYTES, bounded_chunks, new_session, read_error_body
+from .http import new_session
+from .openai_transport import BoundedAiohttpTransport
 
 # Finish reasons that mean the model (or a filter in front of it) refused to go on.
 REFUSED_FINISH_REASONS = frozenset({"content_filter"})
 
 
-# -- server-sent events -------------------------------------------------------------------
-class SSEDecoder:
-    """Incremental parser of a ``text/event-stream`` body (WHATWG rules: CR, LF or CRLF line ends,
-    ``data:`` lines joined by newlines, ``:`` comments ignored, a blank line ends an event).
-
-    An event whose data exceeds ``max_event_bytes`` is refused (``ProviderError``); the line being
-    read is bounded by whoever reads the body (``http.BoundedChunks``)."""
-
-    def __init__(self, max_event_bytes: int = MAX_EVENT_BYTES) -> None:
-        self.max_event_bytes = max_event_bytes
-        self._buffer = b""
-        self._event = ""
-        self._data: list[str] = []
-        self._data_size = 0
-
-    def feed(self, chunk: bytes) -> list[tuple[str, str]]:
-        """The ``(event type, data)`` pairs that ``chunk`` completes."""
-        self._buffer += chunk
-        events: list[tuple[str, str]] = []
-        while True:
-            match = re.search(rb"\r\n|\r|\n", self._buffer)
-            if match is None:
-                break
-            if match.group() == b"\r" and match.end() == len(self._buffer):
-                break  # a CR at the end may be the first half of a CRLF: wait for the next byte
-            line, self._buffer = self._buffer[:match.start()], self._buffer[match.end():]
-            event = self._line(line.decode("utf-8", "replace"))
-            if event is not None:
-                events.append(event)
-        return events
-
-    def close(self) -> list[tuple[str, str]]:
-        """Events left when the body ended (a last event without its blank line is dispatched too)."""
-        events = self.feed(b"\n") if self._buffer else []
-        if self._data:
-            events.append(self._dispatch())
-        return events
-
-    def _line(self, line: str) -> tuple[str, str] | None:
-        if not line:
-            return self._dispatch() if self._data else None
-        if line.startswith(":"):
-            return None
-        name, _, value = line.partition(":")
-        value = value.removeprefix(" ")
-        if name == "data":
-            self._data_size += len(value) + 1
-            if self._data_size > self.max_event_bytes:
-                raise ProviderError(f"the model endpoint sent an event larger than {self.max_event_bytes} bytes")
-            self._data.append(value)
-        elif name == "event":
-            self._event = value
-        return None
-
-    def _dispatch(self) -> tuple[str, str]:
-        event = (self._event or "message", "\n".join(self._data))
-        self._event, self._data, self._data_size = "", [], 0
-        return event
-
-
 # -- the provider --------------------------------------------------------------------------
+_NO_KEY = "no-key"  # given to the SDK when there is no key (it would read OPENAI_API_KEY); never sent
+
+
+def _cause_name(error: BaseException) -> str:
+    """The type of the first exception in ``error``'s chain that is not the SDK's or httpx2's (aiohttp's, mostly)."""
+    cause: BaseException | None = error
+    while cause is not None:
+        if not type(cause).__module__.startswith(("openai", "httpx2", "httpcore2")):
+            return type(cause).__name__
+        cause = cause.__cause__
+    return type(error).__name__
+
+
 class OpenAICompatibleProvider:
     name = "openai"
     supports_images = True
 
     def __init__(self, base_url: str, api_key: str | None, model: str, *, max_output_tokens: int, timeout: float,
-                 max_tokens_field: str = "max_tokens", session: aiohttp.ClientSession | None = None):
+                 max_tokens_field: str = "max_tokens", session: aiohttp.ClientSession | None = None,
+                 organization: str | None = None):
         """``max_tokens_field``: ``max_tokens`` is what every compatible server reads; OpenAI's reasoning
-        models want ``max_completion_tokens``. ``session`` may be shared; it is then not closed here."""
-        self.url = base_url.rstrip("/") + "/chat/completions"
+        models want ``max_completion_tokens``. ``session`` may be shared; it is then not closed here.
+        ``organization``: sent as ``OpenAI-Organization`` when set."""
+        self.base_url = base_url.rstrip("/")
         self.api_key = api_key or None
+        self.organization = organization or None
         self.model = model
         self.max_output_tokens = max_output_tokens
         self.timeout = timeout
@@ -111,13 +85,12 @@ class OpenAICompatibleProvider:
         self._session = session
         self._session_loop: asyncio.AbstractEventLoop | None = None
         self._owns_session = session is None
+        self._client: AsyncOpenAI | None = None
 
     # -- request -------------------------------------------------------------------------
-    def request_body(self, turns: Sequence[Turn], *, system: str) -> dict[str, Any]:
+    def messages(self, turns: Sequence[Turn], *, system: str) -> list[dict[str, Any]]:
         messages: list[dict[str, Any]] = [{"role": "system", "content": system}] if system else []
-        messages += [self._message(turn) for turn in turns]
-        return {"model": self.model, "messages": messages, "stream": True,
-                self.max_tokens_field: self.max_output_tokens}
+        return messages + [self._message(turn) for turn in turns]
 
     @staticmethod
     def _message(turn: Turn) -> dict[str, Any]:
@@ -135,12 +108,6 @@ class OpenAICompatibleProvider:
             parts.append({"type": "image_url", "image_url": {"url": f"data:{image.content_type};base64,{encoded}"}})
         return {"role": role, "content": parts}
 
-    def _headers(self) -> dict[str, str]:
-        headers = {"Content-Type": "application/json", "Accept": "text/event-stream"}
-        if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
-        return headers
-
     def _session_for_loop(self) -> aiohttp.ClientSession:
         loop = asyncio.get_running_loop()
         session = self._session
@@ -149,89 +116,99 @@ class OpenAICompatibleProvider:
             self._session, self._session_loop = session, loop
         return session
 
+    def _sdk(self) -> AsyncOpenAI:
+        """The SDK client, made on first use; it holds no connection of its own (they are the session's)."""
+        if self._client is None:
+            timeout = httpx2.Timeout(self.timeout)
+            http_client = httpx2.AsyncClient(transport=BoundedAiohttpTransport(self._session_for_loop),
+                                             trust_env=False, follow_redirects=False, timeout=timeout)
+            self._client = AsyncOpenAI(api_key=self.api_key or _NO_KEY, organization=self.organization,
+                                       base_url=self.base_url, max_retries=0, timeout=timeout,
+                                       http_client=http_client)
+        return self._client
+
+    def _headers(self) -> dict[str, Any]:
+        """Per request, over the SDK's own (``Omit``: not sent, whatever the SDK found in the environment)."""
+        return {"Authorization": f"Bearer {self.api_key}" if self.api_key else Omit(),
+                "OpenAI-Organization": self.organization or Omit(),
+                "OpenAI-Project": Omit()}
+
     # -- streaming -----------------------------------------------------------------------
     async def stream(self, turns: Sequence[Turn], *, system: str) -> AsyncIterator[str]:
-        body = self.request_body(turns, system=system)
-        session = self._session_for_loop()
+        options: dict[str, Any] = {self.max_tokens_field: self.max_output_tokens}
         try:
-            async with asyncio.timeout(self.timeout):
-                # No total timeout: a long reply is fine as long as data keeps coming (checked per read below).
-                response = await session.post(self.url, json=body, headers=self._headers(),
-                                              timeout=aiohttp.ClientTimeout(total=None))
-        except TimeoutError:
+            chunks = await self._sdk().chat.completions.create(
+                model=self.model, messages=self.messages(turns, system=system), stream=True,
+                extra_headers=self._headers(), **options)
+        except APIStatusError as exc:
+            raise self._http_error(exc) from None
+        except APITimeoutError:
             raise ProviderError(f"the model endpoint timed out: no response within {self.timeout:g} s",
                                 "unavailable") from None
-        except aiohttp.ClientError as exc:
-            raise ProviderError(f"cannot reach the model endpoint ({type(exc).__name__})", "unavailable") from None
-        finished = False
+        except APIConnectionError as exc:
+            raise ProviderError(f"cannot reach the model endpoint ({_cause_name(exc)})", "unavailable") from None
+        except OpenAIError as exc:
+            raise ProviderError(f"the model call failed ({type(exc).__name__})", "unavailable",
+                                detail=redact(str(exc), self.api_key)) from None
+        status = chunks.response.status_code
+        if not 200 <= status < 300:  # a redirect (not followed), or a status the SDK did not take for an error
+            await chunks.close()
+            raise ProviderError(f"the model endpoint answered HTTP {status}", error_code_for_status(status))
+        finish_reason = None
         try:
-            if response.status >= 400:
-                raise await self._http_error(response)
-            decoder = SSEDecoder()
-            chunks = bounded_chunks(response)
-            finish_reason = None
-            while not finished:
-                try:
-                    async with asyncio.timeout(self.timeout):
-                        chunk = await anext(chunks, None)
-                except TimeoutError:
-                    raise ProviderError(f"the model stream timed out: nothing received for {self.timeout:g} s",
-                                        "unavailable") from None
-                except aiohttp.ClientError as exc:
-                    raise ProviderError(f"the connection to the model endpoint broke mid-stream "
-                                        f"({type(exc).__name__})", "unavailable") from None
-                for event, data in decoder.feed(chunk) if chunk is not None else decoder.close():
-                    if data.strip() == "[DONE]":
-                        finished = True
-                        break
-                    piece, finish_reason = self._piece(event, data, finish_reason)
-                    if piece:
-                        yield piece
-                if chunk is None and not finished:
-                    if finish_reason is None:
-                        raise ProviderError("the model stream ended before the reply was complete", "unavailable")
-                    finished = True  # a server that omits [DONE] after its finish reason
-        finally:
-            if finished:
-                response.release()  # the body is done: the connection may serve the next reply
-            else:
-                response.close()    # error, or the consumer stopped early: drop the HTTP stream now
-
-    def _piece(self, event: str, data: str, finish_reason: str | None) -> tuple[str, str | None]:
-        """The text of one ``chat.completion.chunk`` event, and the finish reason seen so far."""
-        try:
-            payload = json.loads(data)
-        except ValueError:
-            raise ProviderError("the model endpoint sent an unreadable event", "unavailable") from None
-        if not isinstance(payload, dict):
-            raise ProviderError("the model endpoint sent an unexpected event", "unavailable")
-        if payload.get("error") or event == "error":
-            error = payload.get("error", payload)
-            detail = error.get("message") if isinstance(error, dict) else str(error)
+            async for chunk in chunks:
+                piece, finish_reason = self._piece(chunk, finish_reason)
+                if piece:
+                    yield piece
+        except APITimeoutError:
+            raise ProviderError(f"the model stream timed out: nothing received for {self.timeout:g} s",
+                                "unavailable") from None
+        except APIConnectionError as exc:
+            raise ProviderError(f"the connection to the model endpoint broke mid-stream ({_cause_name(exc)})",
+                                "unavailable") from None
+        except APIError as exc:  # an error event
+            error = exc.body
+            detail = error.get("message") if isinstance(error, dict) else error
             raise ProviderError("the model failed mid-stream", "unavailable",
-                                detail=redact(str(detail or "unknown error"), self.api_key))
-        choices = payload.get("choices") or []
-        choice = next((c for c in choices if isinstance(c, dict) and c.get("index", 0) == 0), None)
+                                detail=redact(str(detail or "unknown error"), self.api_key)) from None
+        except ValueError:  # an event whose data is not JSON
+            raise ProviderError("the model endpoint sent an unreadable event", "unavailable") from None
+        finally:
+            # Hands the connection back after a complete body; drops it otherwise (error, cap, or a
+            # consumer that stopped early), so the endpoint stops generating.
+            await chunks.close()
+        if finish_reason is None:
+            raise ProviderError("the model stream ended before the reply was complete", "unavailable")
+
+    @staticmethod
+    def _piece(chunk: Any, finish_reason: str | None) -> tuple[str, str | None]:
+        """The text of one ``chat.completion.chunk``, and the finish reason seen so far.
+
+        The SDK builds the chunk without validating it: every field is checked here."""
+        if not isinstance(chunk, ChatCompletionChunk):
+            raise ProviderError("the model endpoint sent an unexpected event", "unavailable")
+        choices = getattr(chunk, "choices", None)
+        choice = next((c for c in choices if getattr(c, "index", 0) == 0), None) \
+            if isinstance(choices, list) else None
         if choice is None:
             return "", finish_reason  # a usage-only or prompt-filter chunk
-        if choice.get("finish_reason"):
-            finish_reason = str(choice["finish_reason"])
+        reason = getattr(choice, "finish_reason", None)
+        if reason:
+            finish_reason = str(reason)
             if finish_reason in REFUSED_FINISH_REASONS:
                 raise ProviderError(f"the model stopped: its output was filtered ({finish_reason})", "forbidden")
-        content = (choice.get("delta") or {}).get("content")
+        content = getattr(getattr(choice, "delta", None), "content", None)
         return (content if isinstance(content, str) else ""), finish_reason
 
-    async def _http_error(self, response: aiohttp.ClientResponse) -> ProviderError:
-        status = response.status
+    def _http_error(self, exc: APIStatusError) -> ProviderError:
+        status = exc.status_code
         if status in (401, 403):
             # The body may quote the key we sent; say nothing from it.
             return ProviderError(f"the model endpoint refused our credentials (HTTP {status})",
                                  error_code_for_status(status))
         try:
-            async with asyncio.timeout(self.timeout):
-                body, _ = await read_error_body(response)
-            raw = body.decode("utf-8", "replace")
-        except (TimeoutError, aiohttp.ClientError):
+            raw = exc.response.text  # already read, within MAX_ERROR_BODY_BYTES (openai_transport.py)
+        except httpx2.HTTPError:
             raw = ""
         detail = raw
         try:
@@ -246,6 +223,9 @@ class OpenAICompatibleProvider:
                              detail=redact(detail, self.api_key))
 
     async def aclose(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            await client.close()  # its transport leaves the session alone
         if not self._owns_session:
             return  # a shared session is closed by whoever made it
         session, self._session = self._session, None
