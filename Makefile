@@ -34,7 +34,8 @@ $(NODE_STAMP): package.json package-lock.json
 $(UI_STAMP): $(NODE_STAMP)
 	@mkdir -p $(UI_VENDOR)
 	cp node_modules/socket.io-client/dist/socket.io.min.js node_modules/marked/lib/marked.umd.js \
-	   node_modules/dompurify/dist/purify.min.js $(UI_VENDOR)/
+	   node_modules/dompurify/dist/purify.min.js node_modules/@highlightjs/cdn-assets/highlight.min.js $(UI_VENDOR)/
+	cp node_modules/@highlightjs/cdn-assets/styles/github.min.css $(UI_VENDOR)/highlight-github.min.css
 	@touch $(UI_STAMP)
 
 ui: $(UI_STAMP)

@@ -40,16 +40,18 @@ async def test_two_users_see_the_message_and_the_streamed_reply(service, tabs, m
     await expect(ada.page.locator("#chat-title")).to_have_text("Ada and Bob")
     conversation_id = await ada.page.locator('#conversations button[aria-current="true"]').get_attribute("data-id")
 
+    # Bob is on a phone-sized screen. Ada adds him by his id, once he exists (has signed in once):
+    # the page shows his name before adding him, and the conversation appears in his list.
     bob_id = new_user("bob")
-    await ada.page.get_by_label("Add participant (user id)").fill(bob_id)
-    await ada.page.get_by_role("button", name="Add", exact=True).click()
-    await expect(ada.page.locator("#participants")).to_contain_text(bob_id)
-
-    # Bob is on a phone-sized screen.
     bob = await tabs(viewport=PHONE)
     await bob.open(service, make_token(bob_id, name="Bob"))
+    await ada.page.get_by_role("button", name="Add people").click()
+    await ada.page.get_by_label("Handle or user id").fill(bob_id)
+    await ada.page.get_by_role("button", name="Find").click()
+    await ada.page.get_by_role("button", name="Add Bob").click()
+    await expect(ada.page.locator("#participants")).to_contain_text("Bob")
     await bob.open_conversation(conversation_id)
-    await expect(bob.page.get_by_role("button", name="Add", exact=True)).to_be_hidden()  # only the owner adds
+    await expect(bob.page.get_by_role("button", name="Add people")).to_be_hidden()  # only the owner adds
 
     # Bob types: Ada sees it, and sees it end once Bob stops typing.
     await bob.page.get_by_label("Message", exact=True).press_sequentially("hel")
@@ -133,6 +135,7 @@ async def test_file_upload_shows_progress_and_appears_for_everyone(service, api,
     refused = up.page.locator('#uploads li[data-filename="tool.exe"]')
     await expect(refused).to_contain_text("File type not allowed: application/x-msdownload")
     await expect(refused.get_by_role("alert")).to_be_visible()
+    await up.page.get_by_role("button", name="Send 2 files").click()  # attached first, sent on Send
     await expect(up.page.locator('#uploads li[data-filename="picture.png"] progress')).to_have_js_property("value", 100)
 
     for tab in (up, down):

@@ -48,6 +48,7 @@ def doomed_storage(stack):
 async def _upload(tab, name: str) -> None:
     await tab.page.get_by_label("Attach files").set_input_files(
         [{"name": name, "mimeType": "text/plain", "buffer": b"the notes\n" * 100}])
+    await tab.page.get_by_role("button", name="Send 1 file").click()  # attached first, sent on Send
 
 
 async def test_storage_frozen_then_killed_during_uploads(doomed_storage, api, tabs, make_token, firestore_db):
