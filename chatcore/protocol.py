@@ -270,8 +270,12 @@ def chunk_payload(conversation_id: str, message_id: str, seq: int, chunk: str) -
     return {"conversation_id": conversation_id, "message_id": message_id, "seq": seq, "chunk": chunk}
 
 
-def thinking_payload(conversation_id: str, message_id: str) -> dict:
-    return {"conversation_id": conversation_id, "message_id": message_id}
+def thinking_payload(conversation_id: str, message_id: str, reply_to: str | None = None) -> dict:
+    """``ai_thinking``; ``reply_to`` (an addition, issue 16) names the user message the reply answers."""
+    payload = {"conversation_id": conversation_id, "message_id": message_id}
+    if reply_to is not None:
+        payload["reply_to"] = reply_to
+    return payload
 
 
 def ai_error_payload(conversation_id: str, message_id: str, code: str, message: str) -> dict:

@@ -686,6 +686,35 @@ class ChatStore:
                     logger.warning("unread count failed: %r", task.exception())
         return counts
 
+    async def latest_messages(self, conversations: Sequence[Conversation],
+                              budget_seconds: float) -> dict[str, dict | None]:
+        """``{conversation_id: last_message}`` (the shape of ``conversation_updated``'s) for a page of
+        conversations, so a list shows its previews from the first load; None where the conversation has
+        no message, or reading it did not fit the budget.
+
+        Cost: one single-document query per conversation (``sort_key`` descending, which Firestore's
+        automatic single-field index serves), at most ``UNREAD_CONCURRENCY`` at a time.
+        """
+        latest: dict[str, dict | None] = {c.id: None for c in conversations}
+        limit = asyncio.Semaphore(UNREAD_CONCURRENCY)
+
+        async def read(cid: str) -> None:
+            async with limit:
+                query = (self.conversation_ref(cid).collection(MESSAGES)
+                         .order_by("sort_key", direction=firestore.Query.DESCENDING).limit(1))
+                async for doc in query.stream():
+                    latest[cid] = Message.from_doc(cid, doc).last_message()
+
+        tasks = [asyncio.ensure_future(read(c.id)) for c in conversations]
+        if tasks:
+            done, pending = await asyncio.wait(tasks, timeout=max(0.0, budget_seconds))
+            for task in pending:
+                task.cancel()
+            for task in done:
+                if task.exception() is not None:
+                    logger.warning("latest message not read: %r", task.exception())
+        return latest
+
     async def read_marker(self, conversation_id: str, user_id: str) -> str | None:
         doc = await self.read_ref(conversation_id, user_id).get()
         return doc.get("key") if doc.exists else None

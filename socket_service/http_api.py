@@ -312,21 +312,28 @@ async def list_conversations(request: web.Request) -> web.Response:
     limit = store_mod.page_size(request.query.get("limit"))
     store = request.app[STORE]
     items, cursor = await store.list_conversations(user.user_id, limit, request.query.get("cursor"))
-    wired, unread = await asyncio.gather(
-        _wire_conversations(request.app, items),
-        store.unread_counts(items, user.user_id, _unread_budget(request.app)))
+    return web.json_response({"items": await _list_items(request.app, items, user.user_id), "next_cursor": cursor})
+
+
+async def _list_items(app: web.Application, convs: list, user_id: str) -> list[dict]:
+    """Conversation objects as a list shows them: with ``unread_count`` and ``last_message`` (None when
+    there is none, or when it could not be read within the budget)."""
+    store = app[STORE]
+    budget = _unread_budget(app)
+    wired, unread, latest = await asyncio.gather(_wire_conversations(app, convs),
+                                                 store.unread_counts(convs, user_id, budget),
+                                                 store.latest_messages(convs, budget))
     for item in wired:
         item["unread_count"] = unread.get(item["id"])
-    return web.json_response({"items": wired, "next_cursor": cursor})
+        item["last_message"] = latest.get(item["id"])
+    return wired
 
 
 async def get_conversation(request: web.Request) -> web.Response:
     user = await identity(request)
     store = request.app[STORE]
     conv = await store.require_participant(conversation_id(request), user.user_id)
-    [wired], unread = await asyncio.gather(_wire_conversations(request.app, [conv]),
-                                           store.unread_counts([conv], user.user_id, _unread_budget(request.app)))
-    wired["unread_count"] = unread.get(conv.id)
+    [wired] = await _list_items(request.app, [conv], user.user_id)
     return web.json_response(wired)
 
 

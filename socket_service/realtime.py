@@ -314,7 +314,7 @@ class ChatNamespace(socketio.AsyncNamespace):
 
     async def _request_reply(self, reply: Message, question_id: str, requested_at: datetime) -> None:
         """``ai_thinking`` to the room, then the request to the AI function."""
-        await self.emit(protocol.AI_THINKING, protocol.thinking_payload(reply.conversation_id, reply.id),
+        await self.emit(protocol.AI_THINKING, protocol.thinking_payload(reply.conversation_id, reply.id, question_id),
                         room=protocol.conversation_room(reply.conversation_id))
         await self.ai_requests(AiRequest(conversation_id=reply.conversation_id, message_id=reply.id,
                                          user_message_id=question_id, user_id=reply.user_id,

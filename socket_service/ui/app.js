@@ -357,6 +357,7 @@
     socket.on("ai_thinking", (m) => {
       if (m.conversation_id !== state.currentId) return;
       const msg = ensureAssistant(m.message_id);
+      msg.replyTo = m.reply_to || msg.replyTo;
       if (!isDone(msg)) { msg.status = msg.status === "streaming" ? "streaming" : "pending"; renderMessage(msg); }
       updateStop();
     });
@@ -1127,8 +1128,9 @@
     if (!ack.ok && ack.error.code !== "not_found") showError("Could not stop: " + ack.error.message);
   }
 
-  // The user message a reply answers: reply_to when the history gave it, else
-  // the closest user message above it.
+  // The user message a reply answers: reply_to (from the history, or from
+  // ai_thinking when the page saw the reply start), else the closest user
+  // message above it (servers that do not send reply_to).
   function regenerateSource(m) {
     if (m.replyTo) return m.replyTo;
     let prev = m.el.previousElementSibling;

@@ -183,3 +183,26 @@ async def test_empty_states_the_counter_and_errors_next_to_the_composer(service,
     await expect(error).to_have_text("")
     await expect(tab.page.locator("#empty-conv")).to_be_hidden()
     await expect(counter).to_be_hidden()
+
+
+async def test_the_list_shows_previews_from_the_first_load(service, api, clients, tabs, make_token):
+    # A page opened after the messages were sent has no live update to learn them from: the list's own
+    # answer carries each conversation's newest message.
+    reader, writer = new_user(), new_user()
+    writer_token = make_token(writer, name="Wendy")
+    conv = await api.create_conversation(writer_token, "previews")
+    await api.request("PATCH", f"/api/conversations/{conv['id']}", writer_token, json={"ai_mode": "off"})
+    await api.add_participant(writer_token, conv["id"], reader)
+    client = await clients(service, writer_token)
+    await client.call("join_room", {"conversation_id": conv["id"]})
+    for text in ("an older line", "see you at noon"):
+        ack = await client.call("send_message", {"conversation_id": conv["id"], "message": text})
+        assert ack["ok"], ack
+    # The live updates of these messages have all gone out (at most one a second per conversation)
+    # before the page opens, so only the list's answer can give it the preview.
+    await client.wait_for("conversation_updated", lambda u: u["reason"] == "message"
+                          and u["last_message"]["message_id"] == ack["message_id"])
+
+    tab = await (await tabs()).open(service, make_token(reader))
+    item = tab.page.locator(f'#conversations button[data-id="{conv["id"]}"]')
+    await expect(item.locator(".conv-preview")).to_have_text("Wendy: see you at noon")

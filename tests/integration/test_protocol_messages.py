@@ -36,8 +36,9 @@ async def test_new_message_and_ai_thinking_payloads(joined):
     assert msg["client_message_id"] == "c-1"
     assert msg["timestamp"].endswith("Z")
     thinking = await client.wait_for("ai_thinking")
-    assert set(thinking) == {"conversation_id", "message_id"}
+    assert set(thinking) == {"conversation_id", "message_id", "reply_to"}
     assert thinking["conversation_id"] == conv["id"] and thinking["message_id"] != ack["message_id"]
+    assert thinking["reply_to"] == ack["message_id"], "the reply says which message it answers"
 
 
 @pytest.mark.parametrize("payload, code", [

@@ -344,3 +344,29 @@ async def test_retried_send_on_another_instance_is_stored_once(api, service, ser
     status, page = await api.request("GET", f"/api/conversations/{conv['id']}/messages", token)
     assert [m["message_id"] for m in page["items"] if m["role"] == "user"] == [first["message_id"]]
     assert len([m for m in page["items"] if m["role"] == "assistant"]) == 1
+
+
+async def test_list_items_carry_the_newest_message_from_the_first_load(api, service, make_token, clients):
+    # Previews must not wait for a live update: a reload of the page shows them at once.
+    owner, guest = new_user(), new_user()
+    owner_token = make_token(owner, name="Olga")
+    conv = await api.create_conversation(owner_token)
+    empty = await api.create_conversation(owner_token)
+    await api.request("PATCH", f"/api/conversations/{conv['id']}", owner_token, json={"ai_mode": "off"})
+    await api.add_participant(owner_token, conv["id"], guest)
+    client = await clients(service, owner_token)
+    await client.call("join_room", {"conversation_id": conv["id"]})
+    await client.call("send_message", {"conversation_id": conv["id"], "message": "first"})
+    last = await client.call("send_message", {"conversation_id": conv["id"], "message": "the **newest** one"})
+
+    status, body = await api.request("GET", "/api/conversations", make_token(guest))
+    assert status == 200
+    [item] = [c for c in body["items"] if c["id"] == conv["id"]]
+    assert item["last_message"] == {"message_id": last["message_id"], "role": "user", "user_id": owner,
+                                    "username": "Olga", "preview": item["last_message"]["preview"],
+                                    "timestamp": item["last_message"]["timestamp"]}
+    assert "newest" in item["last_message"]["preview"]
+    status, body = await api.request("GET", "/api/conversations", owner_token)
+    assert {c["id"]: c["last_message"] for c in body["items"]}[empty["id"]] is None
+    status, one = await api.request("GET", f"/api/conversations/{conv['id']}", owner_token)
+    assert status == 200 and one["last_message"]["message_id"] == last["message_id"]
