@@ -6,11 +6,9 @@
 # The chat UI's browser libraries, from package-lock.json, as `make ui` does.
 FROM node:22.12.0-bookworm-slim AS ui-vendor
 WORKDIR /build
-COPY package.json package-lock.json ./
+COPY package.json package-lock.json scripts/vendor-ui.sh ./
 RUN npm ci --omit=dev --no-audit --no-fund --ignore-scripts --loglevel=error \
-    && mkdir vendor \
-    && cp node_modules/socket.io-client/dist/socket.io.min.js node_modules/marked/lib/marked.umd.js \
-       node_modules/dompurify/dist/purify.min.js vendor/
+    && sh vendor-ui.sh node_modules vendor
 
 FROM python:3.11.13-slim-bookworm
 

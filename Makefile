@@ -32,10 +32,7 @@ $(NODE_STAMP): package.json package-lock.json
 	@touch $(NODE_STAMP)
 
 $(UI_STAMP): $(NODE_STAMP)
-	@mkdir -p $(UI_VENDOR)
-	cp node_modules/socket.io-client/dist/socket.io.min.js node_modules/marked/lib/marked.umd.js \
-	   node_modules/dompurify/dist/purify.min.js node_modules/@highlightjs/cdn-assets/highlight.min.js $(UI_VENDOR)/
-	cp node_modules/@highlightjs/cdn-assets/styles/github.min.css $(UI_VENDOR)/highlight-github.min.css
+	sh scripts/vendor-ui.sh node_modules $(UI_VENDOR)
 	@touch $(UI_STAMP)
 
 ui: $(UI_STAMP)

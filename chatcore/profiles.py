@@ -120,6 +120,16 @@ class ProfileStore:
 
         task.add_done_callback(done)
 
+    async def close(self) -> None:
+        """Stop the profile writes still running (at shutdown), and wait for them to unwind.
+
+        Left running, one cut off by the loop's own shutdown ends with the
+        exception of Firestore's rollback, which asyncio reports as unhandled."""
+        tasks = [*self._background, *self._ensuring.values()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
     async def ensure(self, user_id: str, token_name: str) -> Profile:
         """The caller's profile, created or brought up to date with the token's name if needed.
 

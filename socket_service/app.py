@@ -313,6 +313,7 @@ def create_app(settings: Settings, *, firestore_client=None, publisher=None, sub
         await _within(sio.shutdown(), min(grace / 4, left()), "closing the Socket.IO server")
         # Requests of messages already stored: a lost one leaves its reply pending until the stale sweep.
         await _within(ai_requests.drain(), min(grace / 4, left()), "publishing AI requests")
+        await _within(profiles.close(), min(1.0, left()), "stopping profile writes")
         # The bus gets the rest, less a moment for the heartbeat and for on_cleanup.
         gone = await bus.close(timeout=max(0.0, left() - CLEANUP_RESERVE_SECONDS - HEARTBEAT_RESERVE_SECONDS))
         if gone:
