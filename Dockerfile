@@ -1,7 +1,9 @@
 # The socket service (Cloud Run). Build from the repository root:
 #   docker build -t socket-service .        (or: python -m deploy apply / cloudbuild.yaml)
-# Only chatcore/, socket_service/, the pinned requirements and the chat UI's
-# pinned npm packages enter the build (.dockerignore lists what may).
+# Only chatcore/, socket_service/, the room bus library's source
+# (packages/socketio-pubsub-gcp, built into a wheel below), the pinned
+# requirements and the chat UI's pinned npm packages enter the build
+# (.dockerignore lists what may).
 
 # The chat UI's browser libraries, from package-lock.json, as `make ui` does.
 FROM node:22.12.0-bookworm-slim AS ui-vendor
@@ -9,6 +11,12 @@ WORKDIR /build
 COPY package.json package-lock.json scripts/vendor-ui.sh ./
 RUN npm ci --omit=dev --no-audit --no-fund --ignore-scripts --loglevel=error \
     && sh vendor-ui.sh node_modules vendor
+
+# The room bus library as a wheel, built from its source as `make wheel` builds
+# it (the context never holds a local dist/: .dockerignore).
+FROM python:3.11.13-slim-bookworm AS bus-wheel
+COPY packages/socketio-pubsub-gcp/ /build/socketio-pubsub-gcp/
+RUN pip wheel --no-cache-dir --disable-pip-version-check --no-deps --wheel-dir /wheels /build/socketio-pubsub-gcp
 
 FROM python:3.11.13-slim-bookworm
 
@@ -24,11 +32,14 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 WORKDIR /app
 
 # Dependencies first, so code changes reuse this layer: exactly the pinned
-# runtime requirements, with the repository's constraints for what they pull in.
+# runtime requirements and the bus library's wheel, with the repository's
+# constraints for what they pull in.
 COPY socket_service/requirements.txt /tmp/requirements.txt
 COPY constraints.txt /tmp/constraints.txt
+COPY --from=bus-wheel /wheels/ /tmp/wheels/
 RUN pip install --no-cache-dir -r /tmp/requirements.txt -c /tmp/constraints.txt \
-    && rm /tmp/requirements.txt /tmp/constraints.txt
+       /tmp/wheels/socketio_pubsub_gcp-0.1.0-py3-none-any.whl \
+    && rm -r /tmp/requirements.txt /tmp/constraints.txt /tmp/wheels
 
 RUN groupadd --system --gid 10001 chat \
     && useradd --system --uid 10001 --gid chat --no-create-home --shell /usr/sbin/nologin chat

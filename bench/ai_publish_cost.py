@@ -5,10 +5,10 @@ Each publishes, twice in turn (the second round is reported; the first warms up)
 each message a typical packed ``ai_response_chunk`` emit, and report this process's CPU time
 (all threads, ``time.process_time``) per message and the publish latency (call -> acknowledged):
 
-- ``async_transport``: ``chatcore.pubsub_transport.PubSubTransport`` as the AI function's
-  write-only manager uses it, on ``chatcore.async_publisher.AsyncPublisher`` (one RPC in flight
+- ``async_transport``: ``socketio_pubsub_gcp.pubsub_transport.PubSubTransport`` as the AI function's
+  write-only manager uses it, on ``socketio_pubsub_gcp.async_publisher.AsyncPublisher`` (one RPC in flight
   per key, gRPC's asyncio calls on the loop), called from that loop as the generator does;
-- ``transport``: the same transport on ``chatcore.publisher.Publisher`` (the same rules, RPCs
+- ``transport``: the same transport on ``socketio_pubsub_gcp.publisher.Publisher`` (the same rules, RPCs
   made by long-lived sender threads), which the function used before;
 - ``google_client``: the same transport on google-cloud-pubsub's threaded ``PublisherClient``
   (ordering on, 1 ms batching), which the managers used before;
@@ -28,7 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from chatcore.pubsub_transport import PubSubTransport, encode, new_host_id  # noqa: E402
+from socketio_pubsub_gcp.pubsub_transport import PubSubTransport, encode, new_host_id  # noqa: E402
 
 
 def message(n: int, room: str) -> dict:
@@ -50,7 +50,7 @@ async def paced(rate: float, seconds: float, keys: int, send) -> int:
 
 
 def google_client():
-    """google-cloud-pubsub's threaded client, configured as the managers used it before chatcore.publisher."""
+    """google-cloud-pubsub's threaded client, configured as the managers used it before socketio_pubsub_gcp.publisher."""
     from google.cloud import pubsub_v1
     return pubsub_v1.PublisherClient(
         batch_settings=pubsub_v1.types.BatchSettings(max_latency=0.001, max_messages=500),
@@ -59,7 +59,7 @@ def google_client():
 
 async def run_transport(args, topic: str, publisher=None) -> dict:
     if publisher == "asyncio":
-        from chatcore.async_publisher import AsyncPublisher
+        from socketio_pubsub_gcp.async_publisher import AsyncPublisher
         publisher = AsyncPublisher(asyncio.get_running_loop())
     transport = PubSubTransport(args.project, topic, host_id=new_host_id(), publisher=publisher)
     client = transport.publisher

@@ -66,9 +66,10 @@ import psutil  # noqa: E402
 
 from bench import wsclient  # noqa: E402
 from bench.machine import CpuMeter, ThreadCpu, code_state, machine_info  # noqa: E402
-from chatcore import protocol, runtime_tuning  # noqa: E402
-from chatcore.auth import issue_token  # noqa: E402
-from chatcore.store import reply_id, user_message_id  # noqa: E402
+from chatcore import protocol  # noqa: E402
+from chatcore.identity.auth import issue_token  # noqa: E402
+from chatcore.runtime import tuning  # noqa: E402
+from chatcore.store.conversations import reply_id, user_message_id  # noqa: E402
 from devstack.processes import free_port  # noqa: E402
 from devstack.stack import Ports, Stack, check_prerequisites  # noqa: E402
 
@@ -150,7 +151,7 @@ class Instrumented:
         self.settings = Settings.from_env(dict(os.environ), provider="offline", log_level="warning", **overrides)
         self.rt = build_runtime(self.settings)
         # As the function's runtime() does.
-        runtime_tuning.tune(self.settings.gc_tuning)
+        tuning.tune(self.settings.gc_tuning)
         bus = self.rt.generator.bus
         real = bus.transport.publisher  # created exactly as the function creates it
         self.publisher = CountingPublisher(real)
@@ -816,7 +817,7 @@ async def publish_cost(args, stack: Stack) -> dict:
 
 async def service_phases(args, inst: Instrumented, convs: list[dict]) -> dict:
     """The socket service's Firestore steps of send_message before it publishes the AI request, in process."""
-    from chatcore.quotas import QuotaPolicy
+    from chatcore.store.quotas import QuotaPolicy
 
     quota = QuotaPolicy(max_concurrent=100_000, messages_per_window=1_000_000)
     samples = []

@@ -26,7 +26,7 @@ from aiohttp import web
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from chatcore import runtime_tuning  # noqa: E402
+from chatcore.runtime import tuning  # noqa: E402
 
 
 def create_app(gc_tuning: bool = True) -> web.Application:
@@ -80,7 +80,7 @@ def create_app(gc_tuning: bool = True) -> web.Application:
         # The same interpreter settings as the socket service (GC_TUNING on
         # by default), so the ratio measures auth, persistence and the bus,
         # not a runtime setting.
-        runtime_tuning.tune(gc_tuning)
+        tuning.tune(gc_tuning)
 
     app.router.add_get("/healthz", healthz)
     app.router.add_post("/bench/emit", start_emit)

@@ -1,6 +1,6 @@
 """Emits to rooms through the room bus from outside the socket service.
 
-A write-only ``GooglePubSubManager`` (``chatcore.pubsub_manager``), the
+A write-only ``GooglePubSubManager`` (``socketio_pubsub_gcp.pubsub_manager``), the
 manager the Cloud Functions use, publishes each emit to a bus topic with the
 room as ordering key: by default ``chat-events``, the instances' own bus,
 which obeys any event (the functions publish on ``chat-events-functions``,
@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from chatcore.pubsub_manager import GooglePubSubManager  # noqa: E402
+from socketio_pubsub_gcp.pubsub_manager import GooglePubSubManager  # noqa: E402
 
 
 def main() -> None:

@@ -1,6 +1,6 @@
 """The room bus alone: publish to receive through the Pub/Sub emulator, no Socket.IO.
 
-It uses ``chatcore.pubsub_transport.PubSubTransport``, the same publisher
+It uses ``socketio_pubsub_gcp.pubsub_transport.PubSubTransport``, the same publisher
 settings (ordering on, 1 ms batching), wire format and streaming pull as the
 socket service's manager, on a topic of its own so no service sees it. One
 process per simulated instance: each can publish (``--rate``) and each
@@ -26,9 +26,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from google.api_core import exceptions as gexc  # noqa: E402
+from socketio_pubsub_gcp.pubsub_transport import PubSubTransport, new_host_id  # noqa: E402
 
 from chatcore import topology  # noqa: E402
-from chatcore.pubsub_transport import PubSubTransport, new_host_id  # noqa: E402
 
 
 def percentile(sorted_values: list[float], q: float) -> float | None:

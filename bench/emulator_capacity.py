@@ -86,7 +86,8 @@ class Meter:
 
 # -- 1. Pub/Sub ------------------------------------------------------------------
 def publish_paced(stack: Stack, rate: float, seconds: float, keys: int) -> dict:
-    from chatcore.pubsub_manager import GooglePubSubManager
+    from socketio_pubsub_gcp.pubsub_manager import GooglePubSubManager
+
     from chatcore.topology import load
 
     bus = GooglePubSubManager(stack.project_id, topic=load().chat_events_topic, write_only=True)
@@ -109,7 +110,8 @@ def publish_paced(stack: Stack, rate: float, seconds: float, keys: int) -> dict:
 
 def publish_sequential(stack: Stack, calls: int) -> dict:
     """The gRPC floor: one blocking Publish at a time from one thread, on the client's channel."""
-    from chatcore.publisher import _MESSAGE, _REQUEST, _RESPONSE, PUBLISH_METHOD, Publisher
+    from socketio_pubsub_gcp.publisher import _MESSAGE, _REQUEST, _RESPONSE, PUBLISH_METHOD, Publisher
+
     from chatcore.topology import load
 
     stub = Publisher()._stub(PUBLISH_METHOD, _REQUEST, _RESPONSE)
@@ -143,9 +145,9 @@ async def for_seconds(seconds: float, concurrency: int, operation) -> tuple[int,
 async def firestore_parts(stack: Stack, a: argparse.Namespace) -> dict:
     from google.cloud import firestore
 
-    from chatcore.quotas import QuotaPolicy
-    from chatcore.replies import ReplyStore
-    from chatcore.store import ChatStore
+    from chatcore.store.conversations import ChatStore
+    from chatcore.store.quotas import QuotaPolicy
+    from chatcore.store.replies import ReplyStore
 
     db = firestore.AsyncClient(project=stack.project_id)
     store = ChatStore(db)

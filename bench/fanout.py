@@ -60,7 +60,7 @@ import psutil  # noqa: E402
 
 from bench import wsclient  # noqa: E402
 from bench.machine import code_state, cpu_seconds  # noqa: E402
-from chatcore.auth import issue_token  # noqa: E402
+from chatcore.identity.auth import issue_token  # noqa: E402
 from devstack.processes import Managed, free_port, http_ok  # noqa: E402
 from devstack.stack import Ports, Stack, check_prerequisites  # noqa: E402
 

@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench import wsclient  # noqa: E402
 from bench.stack_run import run_on_stack  # noqa: E402
-from chatcore.auth import issue_token  # noqa: E402
+from chatcore.identity.auth import issue_token  # noqa: E402
 
 
 def pct(values: list[float], p: float) -> float:

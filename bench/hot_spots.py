@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.stack_run import run_on_stack  # noqa: E402
-from chatcore.auth import issue_token  # noqa: E402
+from chatcore.identity.auth import issue_token  # noqa: E402
 from devstack.processes import free_port  # noqa: E402
 from devstack.stack import Stack  # noqa: E402
 

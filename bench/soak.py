@@ -87,8 +87,8 @@ import socketio  # noqa: E402
 
 from bench.machine import code_state  # noqa: E402
 from bench.stack_run import run_on_stack  # noqa: E402
-from chatcore.auth import issue_token  # noqa: E402
-from chatcore.uploads import file_message_id  # noqa: E402
+from chatcore.identity.auth import issue_token  # noqa: E402
+from chatcore.store.uploads import file_message_id  # noqa: E402
 from devstack.processes import free_port  # noqa: E402
 from devstack.stack import Stack  # noqa: E402
 

@@ -47,8 +47,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.machine import machine_info  # noqa: E402
-from chatcore.auth import issue_token  # noqa: E402
-from chatcore.store import Message  # noqa: E402
+from chatcore.identity.auth import issue_token  # noqa: E402
+from chatcore.store.conversations import Message  # noqa: E402
 from devstack.processes import free_port  # noqa: E402
 from devstack.stack import Ports, Stack, check_prerequisites  # noqa: E402
 

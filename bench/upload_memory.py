@@ -44,7 +44,7 @@ import psutil  # noqa: E402
 import socketio  # noqa: E402
 
 from bench.machine import machine_info  # noqa: E402
-from chatcore.auth import issue_token  # noqa: E402
+from chatcore.identity.auth import issue_token  # noqa: E402
 from devstack.processes import free_port  # noqa: E402
 from devstack.stack import Ports, Stack, check_prerequisites  # noqa: E402
 

@@ -1,8 +1,15 @@
-"""Code shared by the socket service and the Cloud Functions.
+"""Code shared by the socket service and the Cloud Functions, grouped by job.
 
-The wire contract (``protocol``), settings primitives (``config``), JWT
-verification (``auth``), the Pub/Sub room bus (``pubsub_manager`` and
-``async_pubsub_manager``), Firestore access (``store``), structured logging
-(``jsonlog``) and the names of every topic, subscription and bucket
-(``topology``). This package imports no deployable.
+At the top, the contract: the wire protocol (``protocol``), errors
+(``errors``), settings primitives (``config``), the names of every topic,
+subscription and bucket (``topology``, ``topology.json``) and the AI request
+message (``ai_requests``). Below it:
+
+- ``store/``: Firestore access;
+- ``identity/``: JWT auth and URL signing;
+- ``bus/``: the chat's room bus, the topology and policy given to the
+  socketio_pubsub_gcp library (packages/socketio-pubsub-gcp);
+- ``runtime/``: JSON logging and GC tuning.
+
+This package imports no deployable (tests/unit/test_boundaries.py).
 """

@@ -36,7 +36,8 @@ class InstanceSubscription:
 
     One on ``topic`` (its peers' topic: the other instances' emits and manager
     commands) and, when ``function_events_topic`` is set, one on the functions'
-    topic, from which only the functions' emits are obeyed (pubsub_transport.py).
+    topic, from which only the functions' emits are obeyed (bus/policy.py; bus/wiring.py turns
+    this template into the bus library's ``SubscriptionTemplate``).
     """
 
     topic: str

@@ -202,7 +202,7 @@ class Stack:
         subscription is created only for targets that run locally. The two
         room-bus topics (``chat-events``, ``chat-events-functions``) get no
         subscription here: each socket-service instance creates its own on
-        both (chatcore/pubsub_transport.py), as in production.
+        both (chatcore/bus/wiring.py), as in production.
         """
         from google.api_core import exceptions as gexc
         from google.cloud import pubsub_v1

@@ -18,8 +18,8 @@ import time
 
 from aiohttp import web
 
-from chatcore import jsonlog
 from chatcore.errors import ConfigError
+from chatcore.runtime import jsonlog
 
 from .app import create_app
 from .settings import Settings

@@ -19,7 +19,7 @@ emits; clients retry by themselves). Past the bound the instance gives up:
 socket_service`` stops with exit status 1, and Cloud Run starts a new one).
 
 Once subscribed, the instance keeps a heartbeat in Firestore and deletes the
-subscriptions that stopped instances left behind (chatcore/instances.py).
+subscriptions that stopped instances left behind (chatcore/store/instances.py).
 
 Shutdown (SIGTERM) marks the instance not ready, disconnects its clients so
 they reconnect elsewhere, and deletes the subscriptions, then its heartbeat,
@@ -37,19 +37,20 @@ from datetime import timedelta
 import socketio
 from aiohttp import web
 from google.cloud import firestore, storage
+from socketio_pubsub_gcp import Publisher
+from socketio_pubsub_gcp import backoff
 
-from chatcore import protocol, runtime_tuning, topology
+from chatcore import protocol, topology
 from chatcore.ai_requests import AiRequest
-from chatcore.async_pubsub_manager import AsyncGooglePubSubManager
-from chatcore.auth import TokenVerifier
+from chatcore.bus import wiring
 from chatcore.errors import Unavailable
-from chatcore.instances import InstanceRegistry, sweep_abandoned
-from chatcore.profiles import ProfileStore
-from chatcore.publisher import Publisher
-from chatcore.pubsub_rpc import backoff
-from chatcore.replies import ABANDONED, ReplyStore
-from chatcore.signing import UrlSigner
-from chatcore.store import ChatStore
+from chatcore.identity.auth import TokenVerifier
+from chatcore.identity.signing import UrlSigner
+from chatcore.runtime import tuning
+from chatcore.store.conversations import ChatStore
+from chatcore.store.instances import InstanceRegistry, sweep_abandoned
+from chatcore.store.profiles import ProfileStore
+from chatcore.store.replies import ABANDONED, ReplyStore
 
 from . import http_api
 from .frames import ChatServer
@@ -167,10 +168,8 @@ def create_app(settings: Settings, *, firestore_client=None, publisher=None, sub
     store = ChatStore(db)
     # Every publish goes to one region's endpoint when PUBSUB_REGION is set (ordering keys need one region).
     publisher = publisher or Publisher(client_options=settings.gcp.pubsub_client_options)
-    bus = AsyncGooglePubSubManager(
-        settings.gcp.project_id, topo.chat_events_topic, subscription=topo.instance_subscription,
-        pack_window=settings.bus_pack_window_ms / 1000, publisher=publisher, subscriber=subscriber,
-        logger=logging.getLogger("chatcore.bus"))
+    bus = wiring.instance_manager(settings.gcp.project_id, pack_window=settings.bus_pack_window_ms / 1000,
+                                  publisher=publisher, subscriber=subscriber, topo=topo)
     # A python-socketio AsyncServer that closes connections sending malformed frames,
     # and those not authenticated within AUTH_TIMEOUT_SECONDS (frames.py).
     sio = ChatServer(
@@ -284,7 +283,7 @@ def create_app(settings: Settings, *, firestore_client=None, publisher=None, sub
             logger.warning("room bus: no answer to the first subscription attempt within %gs; serving meanwhile "
                            "(not ready)", BUS_FIRST_ATTEMPT_SECONDS)
         state["sweeper"] = asyncio.create_task(sweep_stale_replies())
-        runtime_tuning.tune(settings.gc_tuning)
+        tuning.tune(settings.gc_tuning)
         logger.info("socket service ready on %s:%s (bus: %s)", settings.host, settings.port, state["bus_status"])
 
     async def on_shutdown(app: web.Application) -> None:
@@ -318,7 +317,7 @@ def create_app(settings: Settings, *, firestore_client=None, publisher=None, sub
         gone = await bus.close(timeout=max(0.0, left() - CLEANUP_RESERVE_SECONDS - HEARTBEAT_RESERVE_SECONDS))
         if gone:
             # Only once the subscriptions are gone: a heartbeat left behind (stale soon) lets the next
-            # instance that starts delete what this one could not (chatcore/instances.py).
+            # instance that starts delete what this one could not (chatcore/store/instances.py).
             await _within(registry.forget(timeout=max(0.1, left() - CLEANUP_RESERVE_SECONDS)),
                           max(0.0, left() - CLEANUP_RESERVE_SECONDS), "removing the instance heartbeat")
 

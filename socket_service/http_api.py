@@ -19,13 +19,13 @@ from aiohttp import web
 from google.auth.exceptions import GoogleAuthError
 
 from chatcore import protocol
-from chatcore import store as store_mod
-from chatcore import uploads as uploads_mod
-from chatcore.auth import Identity, TokenVerifier, bearer_token, issue_token
 from chatcore.errors import ChatError, InvalidArgument, NotFound, Unauthenticated, Unavailable
-from chatcore.profiles import UNSET, ProfileStore
-from chatcore.signing import SigningUnavailable, UrlSigner
-from chatcore.transactions import is_transient, unavailable
+from chatcore.identity.auth import Identity, TokenVerifier, bearer_token, issue_token
+from chatcore.identity.signing import SigningUnavailable, UrlSigner
+from chatcore.store import conversations as store_mod
+from chatcore.store import uploads as uploads_mod
+from chatcore.store.profiles import UNSET, ProfileStore
+from chatcore.store.transactions import is_transient, unavailable
 
 from .lists import ListUpdates
 from .ratelimit import UserBuckets
@@ -138,7 +138,7 @@ async def identity(request: web.Request) -> Identity:
         user = verifier.verify(token)
     request.app[USER_LIMITS].take(user.user_id)
     # The caller's profile: created or refreshed in the background, at most once per
-    # PROFILE_REFRESH_SECONDS per user on this instance (chatcore/profiles.py).
+    # PROFILE_REFRESH_SECONDS per user on this instance (chatcore/store/profiles.py).
     request.app[PROFILES].ensure_soon(user.user_id, user.name)
     return user
 

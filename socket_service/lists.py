@@ -15,8 +15,8 @@ import logging
 import time
 
 from chatcore import protocol
-from chatcore.profiles import ProfileStore
-from chatcore.store import Conversation, Message
+from chatcore.store.conversations import Conversation, Message
+from chatcore.store.profiles import ProfileStore
 
 logger = logging.getLogger(__name__)
 

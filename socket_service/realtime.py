@@ -17,9 +17,7 @@ from typing import Any
 import socketio
 
 from chatcore import protocol
-from chatcore.admission import SendAdmissions
 from chatcore.ai_requests import AiRequest
-from chatcore.auth import Identity, TokenVerifier, handshake_token
 from chatcore.errors import (
     ChatError,
     Forbidden,
@@ -28,10 +26,12 @@ from chatcore.errors import (
     RateLimited,
     Unauthenticated,
 )
-from chatcore.profiles import ProfileStore
-from chatcore.replies import ReplyStore
-from chatcore.store import ChatStore, Message, Posted, Send
-from chatcore.transactions import CommitUnknown, Deadline, is_transient, unavailable
+from chatcore.identity.auth import Identity, TokenVerifier, handshake_token
+from chatcore.store.admission import SendAdmissions
+from chatcore.store.conversations import ChatStore, Message, Posted, Send
+from chatcore.store.profiles import ProfileStore
+from chatcore.store.replies import ReplyStore
+from chatcore.store.transactions import CommitUnknown, Deadline, is_transient, unavailable
 
 from .lists import ListUpdates
 from .ratelimit import ConnectionCap, FloodWatch, TokenBucket
@@ -194,7 +194,7 @@ class ChatNamespace(socketio.AsyncNamespace):
     async def _register(self, sid: str, identity: Identity) -> None:
         await self.save_session(sid, {"user_id": identity.user_id, "name": identity.name})
         # The user's profile (name, handle) is created or refreshed in the background, at most once
-        # per PROFILE_REFRESH_SECONDS per user on this instance (chatcore/profiles.py).
+        # per PROFILE_REFRESH_SECONDS per user on this instance (chatcore/store/profiles.py).
         self.profiles.ensure_soon(identity.user_id, identity.name)
         await self.enter_room(sid, protocol.user_room(identity.user_id))
         self._buckets[sid] = TokenBucket(self.settings.events_per_second, self.settings.event_burst)

@@ -12,7 +12,6 @@ from datetime import timedelta
 from urllib.parse import urlparse
 
 from chatcore import topology
-from chatcore.auth import HMAC_ALGORITHMS, AuthConfig
 from chatcore.config import (
     ENV_LOCAL,
     ENV_PRODUCTION,
@@ -28,8 +27,9 @@ from chatcore.config import (
     process_environ,
 )
 from chatcore.errors import ConfigError
-from chatcore.quotas import QuotaPolicy
-from chatcore.signing import SigningConfig
+from chatcore.identity.auth import HMAC_ALGORITHMS, AuthConfig
+from chatcore.identity.signing import SigningConfig
+from chatcore.store.quotas import QuotaPolicy
 
 from .headers import SELF, origin_of
 

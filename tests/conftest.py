@@ -19,7 +19,7 @@ import aiohttp
 import pytest
 import socketio
 
-from chatcore.auth import issue_token
+from chatcore.identity.auth import issue_token
 from devstack.processes import free_port
 from devstack.stack import Ports, Stack, check_prerequisites
 

@@ -32,7 +32,7 @@ resource "google_firestore_database" "main" {
   depends_on = [google_project_service.apis]
 }
 
-# GET /api/conversations (chatcore/store.py list_conversations):
+# GET /api/conversations (chatcore/store/conversations.py list_conversations):
 # participants array-contains <user> ORDER BY updated_key DESC (and
 # updated_key < cursor for the next page).
 resource "google_firestore_index" "conversations_by_participant" {
@@ -50,7 +50,7 @@ resource "google_firestore_index" "conversations_by_participant" {
   }
 }
 
-# The stale-reply sweeper (chatcore/replies.py fail_stale), across every
+# The stale-reply sweeper (chatcore/store/replies.py fail_stale), across every
 # conversation: collection group `messages` WHERE status IN [pending,
 # streaming] AND heartbeat_at < cutoff.
 resource "google_firestore_index" "messages_stale_replies" {

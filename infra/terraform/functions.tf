@@ -4,7 +4,8 @@
 #
 # Sources: `python -m deploy package` stages each function folder with a copy
 # of the shared package chatcore next to main.py (what DESIGN.md calls "the
-# build copies it into each function's source bundle") in .build/functions/;
+# build copies it into each function's source bundle") and the room bus
+# library's wheel, listed in its requirements.txt, in .build/functions/;
 # here each staged folder is zipped and uploaded under its content hash, so a
 # change of code is a new object and a new function revision.
 

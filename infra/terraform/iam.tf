@@ -62,7 +62,7 @@ resource "google_project_iam_member" "firestore_user" {
 }
 
 # -- Pub/Sub: publishing is granted per topic. --------------------------------
-# The room bus trusts a topic as far as these grants go (chatcore/pubsub_transport.py):
+# The room bus trusts a topic as far as these grants go (chatcore/bus/policy.py):
 # socket-service instances obey every manager command (disconnect, enter_room,
 # close_room, any emit) found on chat-events, so only the socket service may
 # publish there. The functions publish their emits on chat-events-functions,
@@ -87,7 +87,7 @@ resource "google_pubsub_topic_iam_member" "publishers" {
 #
 # Each instance creates `chat-events-instance-<host id>` and
 # `chat-events-functions-instance-<host id>` at start-up, pulls from them, and
-# deletes them on SIGTERM (chatcore/pubsub_transport.py). Creating a
+# deletes them on SIGTERM (packages/socketio-pubsub-gcp/src/socketio_pubsub_gcp/pubsub_transport.py). Creating a
 # subscription takes pubsub.subscriptions.create on the project plus
 # pubsub.topics.attachSubscription on the topic; pulling and deleting take
 # consume and delete on the subscription, whose name is not known before it
@@ -197,7 +197,7 @@ resource "google_storage_bucket_iam_member" "uploads" {
 }
 
 # Keyless URL signing: the runtime account signs through the IAM Credentials
-# signBlob API as itself (chatcore/signing.py), so it needs Token Creator on
+# signBlob API as itself (chatcore/identity/signing.py), so it needs Token Creator on
 # its own account, and on no other.
 resource "google_service_account_iam_member" "self_sign" {
   for_each = {
@@ -290,7 +290,7 @@ resource "google_cloud_run_v2_service_iam_member" "push_invoker" {
 
 resource "google_cloud_run_v2_service_iam_member" "request_upload_public" {
   # Public on purpose: browsers call it from the chat page; every request is
-  # authenticated in code by its JWT (chatcore.auth), CORS names only our origins.
+  # authenticated in code by its JWT (chatcore.identity.auth), CORS names only our origins.
   count = var.public_access == "allUsers" ? 1 : 0
 
   project  = var.project_id

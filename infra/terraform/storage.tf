@@ -2,7 +2,7 @@
 # bucket holding the functions' source archives.
 
 locals {
-  # Request headers a browser sends on the signed PUT (chatcore/signing.py):
+  # Request headers a browser sends on the signed PUT (chatcore/identity/signing.py):
   # CORS must allow exactly these. tests/infra checks them against the local
   # stack's fake-gcs-server flags (devstack/stack.py GCS_CORS_HEADERS).
   uploads_cors_headers = [

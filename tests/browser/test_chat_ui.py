@@ -11,7 +11,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from playwright.async_api import expect
 
-from chatcore.store import Message
+from chatcore.store.conversations import Message
 from tests.browser.conftest import PHONE, stream_words
 from tests.conftest import new_user
 

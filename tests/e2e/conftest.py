@@ -17,7 +17,7 @@ from aistream.handler import build_runtime
 from aistream.settings import Settings
 from chatcore import protocol
 from chatcore.ai_requests import AiRequest
-from chatcore.store import ChatStore
+from chatcore.store.conversations import ChatStore
 
 
 @pytest.fixture

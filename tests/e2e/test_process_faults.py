@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import aiohttp
 import pytest
 
-from chatcore.auth import issue_token
+from chatcore.identity.auth import issue_token
 from devstack.processes import Managed, free_port, port_accepts
 from devstack.stack import Ports, Stack
 from tests.conftest import ARTIFACTS, Api, ChatClient, new_user

@@ -13,7 +13,7 @@ import pytest
 from aistream.handler import build_runtime
 from aistream.settings import Settings
 from chatcore.ai_requests import AiRequest
-from chatcore.store import ChatStore
+from chatcore.store.conversations import ChatStore
 from tests.conftest import new_user
 from tests.fakes.openai_server import OpenAIFakeServer
 

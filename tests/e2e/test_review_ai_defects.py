@@ -31,7 +31,7 @@ from datetime import UTC, datetime, timedelta
 import aiohttp
 
 from chatcore import protocol
-from chatcore.replies import ReplyBusy
+from chatcore.store.replies import ReplyBusy
 from devstack.processes import free_port
 from tests.conftest import GENEROUS_QUOTAS, new_user
 from tests.e2e.conftest import deliver, pending_reply

@@ -9,7 +9,7 @@ import asyncio
 import aiohttp
 import pytest
 
-from chatcore import uploads as uploads_mod
+from chatcore.store import uploads as uploads_mod
 from tests.conftest import new_user
 from tests.e2e.test_uploads import png, upload
 

@@ -22,8 +22,8 @@ import pytest
 from google.cloud import pubsub_v1
 
 from chatcore import topology
-from chatcore import uploads as uploads_mod
-from chatcore.auth import issue_token
+from chatcore.identity.auth import issue_token
+from chatcore.store import uploads as uploads_mod
 from tests.conftest import new_user
 
 pytestmark = pytest.mark.usefixtures("upload_functions")

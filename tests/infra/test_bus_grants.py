@@ -17,8 +17,6 @@ from chatcore import topology as topology_mod
 from .bus_grants import ALL_TOPICS, FUNCTION_ACCOUNTS, publish_grants, publishers_of, topics_published_by
 from .hcl_model import ROOT
 
-# The module that builds each function's write-only bus manager.
-FUNCTION_BUS_MODULES = ("functions/ai_stream/aistream/handler.py", "functions/upload/uploads/handler.py")
 SOCKET = "${google_service_account.socket.member}"
 
 
@@ -41,13 +39,35 @@ def test_no_account_may_publish_on_every_topic(tf, topology_raw):
     assert [member for member, topic in publish_grants(tf, topology_raw) if topic == ALL_TOPICS] == []
 
 
+def function_buses() -> dict:
+    """The write-only bus manager each function's runtime builds (no client is created before a publish)."""
+    import secrets
+    from unittest import mock
+
+    from uploads.handler import Runtime
+    from uploads.settings import Settings as UploadSettings
+
+    from aistream.handler import build_runtime
+    from aistream.settings import Settings as AiSettings
+
+    env = {"GOOGLE_CLOUD_PROJECT": "chat-unit", "JWT_SECRET": secrets.token_urlsafe(48)}
+    ai = build_runtime(AiSettings.from_env(env), firestore_client=mock.Mock(), storage_client=mock.Mock(),
+                       provider=mock.Mock())
+    upload = Runtime(UploadSettings.from_env(env), firestore_client=mock.Mock(), storage_client=mock.Mock(),
+                     signer=mock.Mock())
+    try:
+        return {"ai_stream": ai.generator.bus, "upload": upload.finalizer.bus}
+    finally:
+        ai.runner.close()
+        upload.runner.close()
+
+
 def test_the_functions_emit_on_the_topic_they_may_publish_on(topology_raw):
-    for module in FUNCTION_BUS_MODULES:
-        tree = ast.parse((ROOT / module).read_text())
-        calls = [node for node in ast.walk(tree) if isinstance(node, ast.Call)
-                 and getattr(node.func, "id", None) == "GooglePubSubManager"]
-        assert [ast.unparse(call.args[1]) for call in calls] == ["topology.load().function_events_topic"], module
-    assert topology_mod.load().function_events_topic == topology_raw["topics"]["function_events"]
+    function_events = topology_raw["topics"]["function_events"]
+    for name, bus in function_buses().items():
+        assert bus.write_only, name
+        assert bus.transport.topic_path == f"projects/chat-unit/topics/{function_events}", name
+    assert topology_mod.load().function_events_topic == function_events
 
 
 def test_instances_subscribe_to_both_topics_and_may_attach_to_those_only(tf, topology_raw):
@@ -84,8 +104,8 @@ def test_what_the_socket_service_does_with_uploaded_files_is_read_and_delete():
             "download_urls" if ".download_urls" in line else line.strip() for line in storage_uses}
     assert uses == {"assigned", "delete_conversation_objects", "download_urls"}
     deleting = ast.get_source_segment(
-        (ROOT / "chatcore" / "uploads.py").read_text(),
-        next(node for node in ast.parse((ROOT / "chatcore" / "uploads.py").read_text()).body
+        (ROOT / "chatcore" / "store" / "uploads.py").read_text(),
+        next(node for node in ast.parse((ROOT / "chatcore" / "store" / "uploads.py").read_text()).body
              if isinstance(node, ast.FunctionDef) and node.name == "delete_conversation_objects"))
     calls = set(re.findall(r"\.(\w+)\(", deleting))
     assert calls == {"list_blobs", "delete"}

@@ -148,7 +148,7 @@ def test_apply_first_deploy_bootstraps_builds_and_applies(fake, staged, build_co
         "options": {"logging": "CLOUD_LOGGING_ONLY"},
     }
     slept.assert_not_called()
-    # The generated secret goes on stdin only, long enough for chatcore.auth (>= 32 characters).
+    # The generated secret goes on stdin only, long enough for chatcore.identity.auth (>= 32 characters).
     secret = run.stdin[3]
     assert secret and len(secret) >= 32 and not any(secret in " ".join(call) for call in run.calls)
 

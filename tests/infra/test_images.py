@@ -12,6 +12,8 @@ import shlex
 import subprocess
 import sys
 import tomllib
+import zipfile
+from email.parser import Parser
 from functools import cache
 from pathlib import Path
 
@@ -126,6 +128,88 @@ def test_copies_the_code_and_runs_the_service():
     assert "CHAT_PORT" not in env, "CHAT_PORT would override the PORT Cloud Run sets"
 
 
+def test_the_image_installs_the_bus_library_from_its_wheel():
+    """A builder stage makes the wheel from packages/socketio-pubsub-gcp; the service's stage installs that wheel."""
+    ops = instructions()
+    stages = [i for i, (op, _) in enumerate(ops) if op == "FROM"]
+    final = ops[stages[-1]:]
+    builder = [args.split()[-1] for op, args in ops if op == "FROM" and " AS " in args.upper()]
+    assert "bus-wheel" in builder
+    runs = " ".join(args for op, args in ops[:stages[-1]] if op == "RUN")
+    assert re.search(r"pip wheel .*--no-deps --wheel-dir /wheels /build/socketio-pubsub-gcp", runs)
+    assert any(op == "COPY" and _copy_sources(args) == [f"{packaging.BUS_PACKAGE.as_posix()}/"]
+               for op, args in ops[:stages[-1]])
+    final_runs = " ".join(args for op, args in final if op == "RUN")
+    assert f"/tmp/wheels/{packaging.bus_wheel_name()}" in final_runs
+    assert any(op == "COPY" and "--from=bus-wheel" in args for op, args in final)
+    assert not any(src.startswith("packages/") for op, args in final if op == "COPY" for src in _copy_sources(args)), \
+        "the service's stage gets the library only as the wheel"
+
+
+def _wheel_files(wheel: Path) -> dict[str, bytes]:
+    with zipfile.ZipFile(wheel) as z:
+        return {n: z.read(n) for n in z.namelist() if not n.split("/")[0].endswith(".dist-info")}
+
+
+def _wheel_metadata(wheel: Path):
+    with zipfile.ZipFile(wheel) as z:
+        name = next(n for n in z.namelist() if n.endswith(".dist-info/METADATA"))
+        return Parser().parsestr(z.read(name).decode())
+
+
+@pytest.fixture(scope="module")
+def bus_wheel() -> Path:
+    return packaging.bus_wheel()
+
+
+def test_the_wheel_is_built_from_the_current_source_and_is_what_the_venv_runs(bus_wheel):
+    """What ships (the wheel in dist/) is the library's source, and the tests run that wheel, not the source tree."""
+    source = ROOT / packaging.BUS_PACKAGE / "src"
+    files = _wheel_files(bus_wheel)
+    expected = {p.relative_to(source).as_posix(): p.read_bytes() for p in source.rglob("*")
+                if p.is_file() and "__pycache__" not in p.parts and ".egg-info" not in str(p)}
+    assert files == expected
+    installed = importlib.metadata.distribution("socketio-pubsub-gcp")
+    assert installed.version == _wheel_metadata(bus_wheel)["Version"]
+    assert not (installed.read_text("direct_url.json") or "").count('"editable": true'), "installed editable"
+    import socketio_pubsub_gcp
+    origin = Path(socketio_pubsub_gcp.__file__).resolve()
+    assert "site-packages" in origin.parts, f"tests import the library from {origin}, not from the installed wheel"
+    assert origin.read_bytes() == files["socketio_pubsub_gcp/__init__.py"]
+
+
+def test_each_function_ships_the_wheel_and_lists_it(tmp_path, bus_wheel):
+    staged = packaging.stage_functions(out=tmp_path, wheel=bus_wheel)
+    for name, folder in staged.items():
+        assert (folder / bus_wheel.name).read_bytes() == bus_wheel.read_bytes(), name
+        lines = [line.strip() for line in (folder / "requirements.txt").read_text().splitlines()]
+        assert f"./{bus_wheel.name}" in lines, name
+        assert not (folder / "socketio_pubsub_gcp").exists(), "the library ships as its wheel, not as source"
+
+
+def test_the_library_declares_what_it_imports():
+    package = ROOT / packaging.BUS_PACKAGE
+    with (package / "pyproject.toml").open("rb") as f:
+        declared = tomllib.load(f)["project"]["dependencies"]
+    closure = _closure_of(declared)
+    missing = {m: sorted(_provided_by(m)) for m in _third_party_imports([package / "src"], {"socketio_pubsub_gcp"})
+               if not _is_namespace(m) and not _provided_by(m) & closure}
+    assert missing == {}, "the library imports modules its pyproject.toml does not declare"
+
+
+def test_the_library_ranges_hold_the_pinned_versions():
+    with (ROOT / packaging.BUS_PACKAGE / "pyproject.toml").open("rb") as f:
+        declared = [Requirement(r) for r in tomllib.load(f)["project"]["dependencies"]]
+    pins = {}
+    for line in (ROOT / "constraints.txt").read_text().splitlines():
+        line = line.split("#")[0].strip()
+        if "==" in line:
+            name, version = line.split("==")
+            pins[re.sub(r"[-_.]+", "-", name).lower()] = version
+    for req in declared:
+        assert req.specifier.contains(pins[re.sub(r"[-_.]+", "-", req.name).lower()]), (req, pins.get(req.name))
+
+
 def test_dockerignore_lets_in_exactly_what_the_dockerfile_copies():
     patterns = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
                 if line.strip() and not line.startswith("#")]
@@ -148,7 +232,9 @@ def test_dockerignore_lets_in_exactly_what_the_dockerfile_copies():
                 assert included(source.rstrip("/") + ("/__init__.py" if source.endswith("/") else "")), source
     for secret_or_bulk in (".venv/bin/python", ".git/config", "tests/conftest.py", ".devstack/logs/x",
                            "chatcore/__pycache__/x.pyc", "infra/terraform/main.tf", "node_modules/x/y.js",
-                           "socket_service/ui/vendor/socket.io.min.js"):
+                           "socket_service/ui/vendor/socket.io.min.js",
+                           "packages/socketio-pubsub-gcp/dist/socketio_pubsub_gcp-0.1.0-py3-none-any.whl",
+                           "packages/socketio-pubsub-gcp/tests/test_publisher.py"):
         assert not included(secret_or_bulk), secret_or_bulk
 
 
@@ -192,16 +278,27 @@ def _third_party_imports(roots: list[Path], first_party: set[str]) -> set[str]:
 
 
 def _closure(requirements: Path) -> set[str]:
-    """Normalized names of the distributions the pinned requirements install, with their dependencies."""
+    """Normalized names of the distributions the pinned requirements install, with their dependencies.
+
+    A line that is a wheel's path (the bus library in a staged function) stands for the wheel's distribution."""
+    lines = []
+    for line in requirements.read_text().splitlines():
+        line = line.split("#")[0].strip()
+        if line.endswith(".whl"):
+            lines.append(_wheel_metadata(requirements.parent / line)["Name"])
+        elif line:
+            lines.append(line)
+    return _closure_of(lines)
+
+
+def _closure_of(lines: list[str]) -> set[str]:
     def norm(name: str) -> str:
         return re.sub(r"[-_.]+", "-", name).lower()
 
     todo, seen = [], set()
-    for line in requirements.read_text().splitlines():
-        line = line.split("#")[0].strip()
-        if line:
-            req = Requirement(line)
-            todo.append((req.name, frozenset(req.extras)))
+    for line in lines:
+        req = Requirement(line)
+        todo.append((req.name, frozenset(req.extras)))
     while todo:
         name, extras = todo.pop()
         if (norm(name), extras) in seen:
@@ -257,20 +354,30 @@ def _is_namespace(module: str) -> bool:
     return spec is not None and spec.origin is None and spec.submodule_search_locations is not None
 
 
-DEPLOYABLE_SOURCES = {
-    "socket_service": (["socket_service", "chatcore"], "socket_service/requirements.txt"),
-    **{f"functions/{name}": ([f"functions/{name}", "chatcore"], f"functions/{name}/requirements.txt")
-       for name in packaging.function_sources()},
-}
+DEPLOYABLES = ["socket_service", *(f"functions/{name}" for name in packaging.function_sources())]
 
 
-@pytest.mark.parametrize("deployable", sorted(DEPLOYABLE_SOURCES))
-def test_deployable_imports_are_in_its_requirements(deployable):
-    folders, requirements = DEPLOYABLE_SOURCES[deployable]
-    roots = [ROOT / f for f in folders]
+@pytest.fixture(scope="module")
+def staged_functions(tmp_path_factory, bus_wheel) -> dict[str, Path]:
+    return packaging.stage_functions(out=tmp_path_factory.mktemp("functions"), wheel=bus_wheel)
+
+
+@pytest.mark.parametrize("deployable", DEPLOYABLES)
+def test_deployable_imports_are_in_its_requirements(deployable, staged_functions, bus_wheel):
+    """What each deployable imports (its code and chatcore) is installed by what it ships: the staged
+    requirements.txt of a function (the bus library's wheel among them), the image's requirements and wheel."""
+    if deployable == "socket_service":
+        roots = [ROOT / "socket_service", ROOT / "chatcore"]
+        shipped = [Requirement(line.split("#")[0].strip()).name
+                   for line in (ROOT / "socket_service" / "requirements.txt").read_text().splitlines()
+                   if line.split("#")[0].strip()] + [_wheel_metadata(bus_wheel)["Name"]]
+        closure = _closure_of(shipped)
+    else:
+        folder = staged_functions[deployable.removeprefix("functions/")]
+        roots = [folder]
+        closure = _closure(folder / "requirements.txt")
     first_party = {"chatcore", "socket_service"} | {p.name for r in roots for p in r.iterdir() if p.is_dir()} | {
         p.stem for r in roots for p in r.glob("*.py")}
-    closure = _closure(ROOT / requirements)
     missing = {m: sorted(_provided_by(m)) for m in _third_party_imports(roots, first_party)
                if not _is_namespace(m) and not _provided_by(m) & closure}
-    assert missing == {}, f"{deployable} imports modules its {requirements} does not install"
+    assert missing == {}, f"{deployable} imports modules that what it ships does not install"

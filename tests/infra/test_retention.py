@@ -2,12 +2,12 @@
 
 The uploads bucket deletes objects older than ``var.upload_retention_days``,
 and the upload functions count each user's storage over the same number of
-days (UPLOAD_RETENTION_DAYS, chatcore/uploads.py), so the two cannot drift.
+days (UPLOAD_RETENTION_DAYS, chatcore/store/uploads.py), so the two cannot drift.
 """
 
 from __future__ import annotations
 
-from chatcore import uploads as uploads_mod
+from chatcore.store import uploads as uploads_mod
 
 from .hcl_model import first
 from .test_settings_env import terraform_env

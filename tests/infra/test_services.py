@@ -251,11 +251,9 @@ def _queries() -> list[dict]:
     later ``query = query.where(...)`` refinements of the same variable.
     """
     found = []
-    for module_name in ("chatcore.store", "chatcore.replies", "chatcore.uploads", "chatcore.quotas"):
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError:
-            continue
+    for module_name in ("chatcore.store.conversations", "chatcore.store.replies", "chatcore.store.uploads",
+                        "chatcore.store.quotas", "chatcore.store.profiles"):
+        module = importlib.import_module(module_name)
         tree = ast.parse(Path(module.__file__).read_text())
         for func in ast.walk(tree):
             if not isinstance(func, ast.FunctionDef | ast.AsyncFunctionDef):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from chatcore import auth
+from chatcore.identity import auth
 from deploy import settings as deploy_settings
 from devstack.stack import Ports, Stack
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import re
 from urllib.parse import parse_qs, urlsplit
 
-from chatcore import signing
 from chatcore import topology as topology_mod
+from chatcore.identity import signing
 from devstack import stack as devstack_stack
 
 from .hcl_model import first

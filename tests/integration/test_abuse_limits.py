@@ -28,7 +28,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from chatcore import protocol
-from chatcore.auth import issue_token
+from chatcore.identity.auth import issue_token
 from socket_service import http_api
 from socket_service.app import create_app
 from socket_service.settings import Settings

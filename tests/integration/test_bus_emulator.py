@@ -25,11 +25,11 @@ import pytest
 import socketio
 from aiohttp import web
 from google.api_core import exceptions as gexc
+from socketio_pubsub_gcp.async_pubsub_manager import AsyncGooglePubSubManager
+from socketio_pubsub_gcp.pubsub_manager import GooglePubSubManager
+from socketio_pubsub_gcp.pubsub_transport import PubSubTransport, decode
+from socketio_pubsub_gcp.subscriptions import SubscriptionTemplate
 
-from chatcore.async_pubsub_manager import AsyncGooglePubSubManager
-from chatcore.pubsub_manager import GooglePubSubManager
-from chatcore.pubsub_transport import PubSubTransport, decode
-from chatcore.topology import InstanceSubscription
 from devstack.processes import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -62,8 +62,8 @@ async def in_daemon_thread(fn, timeout: float):
     return await asyncio.wait_for(future, timeout)
 
 
-def template(topic: str) -> InstanceSubscription:
-    return InstanceSubscription(topic=topic, name_prefix=f"{topic}-instance-", expiration_ttl_seconds=86400,
+def template(topic: str) -> SubscriptionTemplate:
+    return SubscriptionTemplate(name_prefix=f"{topic}-instance-", expiration_ttl_seconds=86400,
                                 message_retention_seconds=600, ack_deadline_seconds=10)
 
 
@@ -271,7 +271,7 @@ async def test_sync_write_only_manager_emits_in_order_to_an_async_instance(clust
 
 SUBPROCESS_WRITER = """
 import json, sys
-from chatcore.pubsub_manager import GooglePubSubManager
+from socketio_pubsub_gcp.pubsub_manager import GooglePubSubManager
 
 project, topic, room, count = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 bus = GooglePubSubManager(project, topic, write_only=True)

@@ -27,7 +27,7 @@ import aiohttp
 import pytest
 
 from chatcore import topology
-from chatcore.auth import issue_token
+from chatcore.identity.auth import issue_token
 from devstack.processes import Managed, free_port, http_ok
 from devstack.stack import Ports, Stack
 from tests.conftest import ARTIFACTS, Api, ChatClient, new_user

@@ -25,11 +25,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import pytest
+from socketio_pubsub_gcp.publisher import Publisher
+from socketio_pubsub_gcp.pubsub_transport import encode
 
 from chatcore import protocol
 from chatcore import topology as topology_mod
-from chatcore.publisher import Publisher
-from chatcore.pubsub_transport import encode
 from tests.conftest import ChatClient, new_user
 from tests.infra import bus_grants, hcl_model
 from tests.unit.test_bus_function_policy import function_emit

@@ -20,14 +20,14 @@ import socketio
 from aiohttp.test_utils import TestServer
 from google.api_core import exceptions as gexc
 from google.cloud import firestore
+from socketio_pubsub_gcp.publisher import Publisher
 
 from chatcore import protocol
 from chatcore.ai_requests import AiRequest
-from chatcore.auth import issue_token
-from chatcore.publisher import Publisher
-from chatcore.replies import ReplyStore
-from chatcore.signing import SigningUnavailable
-from chatcore.store import ChatStore, Message, order_key
+from chatcore.identity.auth import issue_token
+from chatcore.identity.signing import SigningUnavailable
+from chatcore.store.conversations import ChatStore, Message, order_key
+from chatcore.store.replies import ReplyStore
 from socket_service import http_api
 from socket_service.app import AiRequestPublisher, create_app
 from socket_service.settings import Settings

@@ -14,7 +14,7 @@ import uuid
 import aiohttp
 import pytest
 
-from chatcore.auth import issue_token
+from chatcore.identity.auth import issue_token
 from devstack.processes import Managed, free_port, http_ok
 from devstack.stack import Ports, Stack
 from tests.conftest import ARTIFACTS, Api, ChatClient, assert_no_internal_answers, new_user

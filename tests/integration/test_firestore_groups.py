@@ -1,4 +1,4 @@
-"""chatcore.firestore_groups against the Firestore emulator: many coroutines' writes share commits, their reads share requests."""
+"""chatcore.store.firestore_groups against the Firestore emulator: many coroutines' writes share commits, their reads share requests."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from google.api_core import exceptions as gexc
 from google.cloud import firestore
 
-from chatcore.firestore_groups import GroupCommit, GroupRead
+from chatcore.store.firestore_groups import GroupCommit, GroupRead
 
 
 @pytest.fixture

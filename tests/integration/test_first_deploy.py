@@ -29,10 +29,10 @@ import pytest
 from aiohttp import web
 from google.api_core import exceptions as gexc
 from google.cloud import pubsub_v1
+from socketio_pubsub_gcp.subscriber import Subscriber
 
 from chatcore import protocol, topology
-from chatcore.store import Message
-from chatcore.subscriber import Subscriber
+from chatcore.store.conversations import Message
 from devstack.processes import free_port
 from socket_service import app as app_module
 from socket_service import http_api

@@ -8,7 +8,7 @@ import time
 import pytest
 import socketio
 
-from chatcore.auth import issue_token
+from chatcore.identity.auth import issue_token
 from tests.conftest import ChatClient, new_user
 
 UNAUTHENTICATED = "unauthenticated"

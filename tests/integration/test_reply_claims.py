@@ -13,8 +13,8 @@ import pytest
 from google.cloud import firestore
 
 from chatcore import protocol
-from chatcore.replies import ReplyBusy, ReplyStore
-from chatcore.store import ChatStore
+from chatcore.store.conversations import ChatStore
+from chatcore.store.replies import ReplyBusy, ReplyStore
 
 LONG = timedelta(minutes=5)  # a lease no test outlives: the claim's worker counts as alive
 LAPSED = timedelta(0)  # a lease already over: the claim's worker counts as gone

@@ -16,8 +16,8 @@ from datetime import timedelta
 from google.cloud import firestore
 
 from chatcore import protocol
-from chatcore.replies import ReplyStore
-from chatcore.store import ChatStore
+from chatcore.store.conversations import ChatStore
+from chatcore.store.replies import ReplyStore
 
 
 async def _streaming_reply(stack):

@@ -7,8 +7,8 @@ import uuid
 from google.cloud import firestore
 
 from chatcore import protocol
-from chatcore.replies import ReplyStore
-from chatcore.store import ChatStore
+from chatcore.store.conversations import ChatStore
+from chatcore.store.replies import ReplyStore
 
 
 async def test_history_from_recent_messages_skips_what_came_after_the_reply(stack):

@@ -25,13 +25,13 @@ from datetime import timedelta
 import grpc
 import socketio
 from google.cloud import firestore
+from socketio_pubsub_gcp.publisher import Publisher
 
 from chatcore import protocol
 from chatcore.ai_requests import AiRequest
 from chatcore.errors import RateLimited
-from chatcore.publisher import Publisher
-from chatcore.quotas import QuotaPolicy
-from chatcore.store import ChatStore
+from chatcore.store.conversations import ChatStore
+from chatcore.store.quotas import QuotaPolicy
 from socket_service.app import AiRequestPublisher
 
 # Two replies at a time, as in production; six minutes before a slot is ignored.

@@ -20,13 +20,13 @@ import pytest
 import socketio
 from google.auth.exceptions import DefaultCredentialsError
 from google.cloud import pubsub_v1
+from socketio_pubsub_gcp.async_publisher import AsyncPublisher
+from socketio_pubsub_gcp.async_pubsub_manager import AsyncGooglePubSubManager
+from socketio_pubsub_gcp.loop_runner import LoopRunner
+from socketio_pubsub_gcp.publisher import Publisher
+from socketio_pubsub_gcp.pubsub_manager import GooglePubSubManager
+from socketio_pubsub_gcp.pubsub_transport import decode
 
-from chatcore.async_publisher import AsyncPublisher
-from chatcore.async_pubsub_manager import AsyncGooglePubSubManager
-from chatcore.loop_runner import LoopRunner
-from chatcore.publisher import Publisher
-from chatcore.pubsub_manager import GooglePubSubManager
-from chatcore.pubsub_transport import decode
 from tests.integration.test_bus_emulator import (
     eventually,
     in_daemon_thread,

@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from jwt.algorithms import ECAlgorithm
 
 from chatcore import protocol
-from chatcore.auth import TokenVerifier, issue_token
+from chatcore.identity.auth import TokenVerifier, issue_token
 from socket_service import http_api
 from socket_service.app import create_app
 from socket_service.settings import Settings

@@ -12,7 +12,7 @@ import pytest
 import socketio
 from aiohttp.test_utils import TestServer
 
-from chatcore.auth import TokenVerifier, issue_token
+from chatcore.identity.auth import TokenVerifier, issue_token
 from socket_service.app import create_app
 from socket_service.headers import security_headers
 from socket_service.settings import Settings

@@ -27,7 +27,7 @@ import aiohttp
 import psutil
 import pytest
 
-from chatcore.auth import issue_token
+from chatcore.identity.auth import issue_token
 from devstack import push_relay
 from devstack.processes import Managed, free_port, port_accepts, port_is_free
 from devstack.stack import ROOT, Ports, Stack

@@ -40,7 +40,7 @@ async def test_messages_and_typing_cross_instances(service, service_b, api, make
 EMITTER = textwrap.dedent("""
     import json, sys
     from chatcore import topology
-    from chatcore.pubsub_manager import GooglePubSubManager
+    from socketio_pubsub_gcp.pubsub_manager import GooglePubSubManager
 
     project, room, count = sys.argv[1], sys.argv[2], int(sys.argv[3])
     bus = GooglePubSubManager(project, topology.load().function_events_topic, write_only=True)

@@ -11,9 +11,9 @@ from google.cloud import firestore
 
 from chatcore import protocol
 from chatcore.errors import RateLimited
-from chatcore.quotas import QuotaPolicy
-from chatcore.replies import ReplyStore
-from chatcore.store import ChatStore
+from chatcore.store.conversations import ChatStore
+from chatcore.store.quotas import QuotaPolicy
+from chatcore.store.replies import ReplyStore
 
 
 @pytest.fixture
@@ -82,7 +82,7 @@ async def test_ai_modes_in_the_send_transaction(store, firestore_db):
 
 
 def test_functions_may_send_conversation_updated_to_user_rooms_only():
-    from chatcore.pubsub_transport import MAX_FUNCTION_EMIT_ROOMS, is_function_emit
+    from chatcore.bus.policy import MAX_FUNCTION_EMIT_ROOMS, is_function_emit
 
     def emit(event, room):
         return {"method": "emit", "event": event, "data": {}, "namespace": "/", "room": room}

@@ -16,8 +16,8 @@ from google.cloud import firestore
 from uploads.handler import Runtime, handle_request_upload
 from uploads.settings import Settings
 
-from chatcore.auth import issue_token
-from chatcore.signing import SigningConfig, UrlSigner
+from chatcore.identity.auth import issue_token
+from chatcore.identity.signing import SigningConfig, UrlSigner
 from tests.conftest import new_user
 
 ORIGIN = "https://chat.example.com"

@@ -4,10 +4,10 @@ import asyncio
 
 import pytest
 
-from chatcore.admission import SendAdmissions
 from chatcore.errors import RateLimited, Unavailable
-from chatcore.store import Posted, Send, _plan, utcnow
-from chatcore.transactions import CommitUnknown, Deadline
+from chatcore.store.admission import SendAdmissions
+from chatcore.store.conversations import Posted, Send, _plan, utcnow
+from chatcore.store.transactions import CommitUnknown, Deadline
 
 
 class GatedStore:

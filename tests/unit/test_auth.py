@@ -1,4 +1,4 @@
-"""JWT verification (chatcore.auth) and the environment readers it uses (chatcore.config).
+"""JWT verification (chatcore.identity.auth) and the environment readers it uses (chatcore.config).
 
 Every key is generated at test time with ``cryptography``. The JWKS case is
 served by a real HTTP server on 127.0.0.1 speaking the JWKS JSON format.
@@ -22,7 +22,9 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from jwt.algorithms import ECAlgorithm
 
-from chatcore.auth import (
+from chatcore.config import env_bool, env_choice, env_float, env_int, env_list, env_str
+from chatcore.errors import ConfigError, Unauthenticated
+from chatcore.identity.auth import (
     MAX_LEEWAY_SECONDS,
     AuthConfig,
     Identity,
@@ -31,8 +33,6 @@ from chatcore.auth import (
     handshake_token,
     issue_token,
 )
-from chatcore.config import env_bool, env_choice, env_float, env_int, env_list, env_str
-from chatcore.errors import ConfigError, Unauthenticated
 
 SECRET = secrets.token_urlsafe(48)
 

@@ -7,8 +7,8 @@ import json
 import pytest
 
 from chatcore import protocol
-from chatcore.auth import AuthConfig, TokenVerifier, handshake_token, issue_token
 from chatcore.errors import InvalidArgument, TooLarge, Unauthenticated
+from chatcore.identity.auth import AuthConfig, TokenVerifier, handshake_token, issue_token
 
 LONE_SURROGATES = ["\ud800", "\udbff", "\udc00", "\udfff", "ok \ud83d", "\ude00 ok"]
 CONTROLS = ["\x00", "\x01", "\x08", "\x0b", "\x0c", "\x1b", "\x1f", "\x7f", "\x80", "\x85", "\x9f"]

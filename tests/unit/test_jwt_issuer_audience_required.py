@@ -18,8 +18,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from uploads.settings import Settings as UploadSettings
 
-from chatcore.auth import AuthConfig, TokenVerifier
 from chatcore.errors import ConfigError, Unauthenticated
+from chatcore.identity.auth import AuthConfig, TokenVerifier
 from socket_service.settings import Settings as ServiceSettings
 
 GOOGLE_JWKS = "https://www.googleapis.com/service_accounts/v1/jwk/securetoken@system.gserviceaccount.com"

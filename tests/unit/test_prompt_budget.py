@@ -6,7 +6,7 @@ from datetime import UTC, datetime
 
 from aistream.prompt import FileReader, images_to_send, message_chars, with_left_out_note
 from chatcore import protocol
-from chatcore.store import Message
+from chatcore.store.conversations import Message
 
 KB = 1024
 files = FileReader(storage_client=None, bucket="unused", text_max_chars=20_000, image_max_bytes=500 * KB)

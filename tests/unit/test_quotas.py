@@ -1,4 +1,4 @@
-"""chatcore.quotas.admit: the per-user AI limits, as a pure function of the quota document and the time."""
+"""chatcore.store.quotas.admit: the per-user AI limits, as a pure function of the quota document and the time."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from chatcore.errors import RateLimited
-from chatcore.quotas import QuotaPolicy, admit
+from chatcore.store.quotas import QuotaPolicy, admit
 
 NOW = datetime(2026, 5, 1, 12, 0, tzinfo=UTC)
 POLICY = QuotaPolicy(max_concurrent=2, messages_per_window=3, window_seconds=60, stale_after=timedelta(minutes=15))

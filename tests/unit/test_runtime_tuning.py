@@ -1,4 +1,4 @@
-"""chatcore.runtime_tuning: what the socket service and the AI function apply at start-up."""
+"""chatcore.runtime.tuning: what the socket service and the AI function apply at start-up."""
 
 import gc
 import sys
@@ -6,7 +6,7 @@ import sys
 import pytest
 
 from aistream.settings import Settings as AiSettings
-from chatcore import runtime_tuning
+from chatcore.runtime import tuning
 
 
 @pytest.fixture
@@ -22,17 +22,17 @@ def test_tune_freezes_what_is_alive_and_raises_the_thresholds(restore_interprete
     gc.unfreeze()
     assert gc.get_freeze_count() == 0
     interval = sys.getswitchinterval()
-    runtime_tuning.tune()
+    tuning.tune()
     assert gc.get_freeze_count() > 0
-    assert gc.get_threshold() == runtime_tuning.GC_THRESHOLDS
-    assert runtime_tuning.GC_THRESHOLDS[0] > 700, "fewer young collections than Python's default"
+    assert gc.get_threshold() == tuning.GC_THRESHOLDS
+    assert tuning.GC_THRESHOLDS[0] > 700, "fewer young collections than Python's default"
     assert sys.getswitchinterval() == interval, "the GIL switch interval is left alone"
 
 
 def test_gc_tuning_off_changes_nothing(restore_interpreter):
     gc.unfreeze()
     before = gc.get_threshold()
-    runtime_tuning.tune(gc_tuning=False)
+    tuning.tune(gc_tuning=False)
     assert gc.get_freeze_count() == 0 and gc.get_threshold() == before
 
 

@@ -1,4 +1,4 @@
-"""chatcore.signing: V4 signed URLs, with a private key and keyless through the IAM signBlob API.
+"""chatcore.identity.signing: V4 signed URLs, with a private key and keyless through the IAM signBlob API.
 
 Each signature is checked the way Cloud Storage checks it: the canonical
 request is rebuilt from the URL and the headers a client sends, and the
@@ -31,7 +31,7 @@ from google.auth.transport import requests as auth_requests
 from google.cloud.storage import _signing as storage_signing
 
 from chatcore.errors import ConfigError
-from chatcore.signing import (
+from chatcore.identity.signing import (
     GCS_ENDPOINT,
     MODE_IAM,
     MODE_KEY,

@@ -11,9 +11,9 @@ import asyncio
 import pytest
 from google.api_core import exceptions as gexc
 
-from chatcore import transactions
 from chatcore.errors import Unavailable
-from chatcore.transactions import CommitUnknown, Deadline, run_transaction
+from chatcore.store import transactions
+from chatcore.store.transactions import CommitUnknown, Deadline, run_transaction
 
 
 class FakeTransaction:

@@ -15,7 +15,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from aistream.prompt import FileReader
-from chatcore import uploads as uploads_mod
+from chatcore.store import uploads as uploads_mod
 
 MiB = 1024 * 1024
 

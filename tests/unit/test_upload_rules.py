@@ -13,9 +13,9 @@ from uploads.requesting import UnsupportedType, parse_body
 from uploads.settings import Settings
 
 from chatcore import topology
-from chatcore import uploads as uploads_mod
 from chatcore.errors import ConfigError, InvalidArgument, RateLimited, TooLarge
-from chatcore.store import Message
+from chatcore.store import uploads as uploads_mod
+from chatcore.store.conversations import Message
 
 SECRET = "s" * 48
 ENV = {"GOOGLE_CLOUD_PROJECT": "chat-unit", "JWT_SECRET": SECRET}

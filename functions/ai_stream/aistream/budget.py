@@ -1,6 +1,6 @@
 """The global AI budget: tokens per hour for the whole deployment, with a circuit breaker.
 
-Per-user limits (chatcore/quotas.py) do not bound the total: many users, each
+Per-user limits (chatcore/store/quotas.py) do not bound the total: many users, each
 within their limits, can still spend without end. With
 ``AI_GLOBAL_TOKENS_PER_HOUR`` set (0 = off), every reply is charged its
 tokens to the current hour (UTC), and once the hour's total reaches the

@@ -28,8 +28,8 @@ from google.api_core import exceptions as gexc
 from chatcore import protocol
 from chatcore.ai_requests import AiRequest
 from chatcore.errors import ChatError, TooLarge
-from chatcore.replies import ReplyState, ReplyStore
-from chatcore.store import Message
+from chatcore.store.conversations import Message
+from chatcore.store.replies import ReplyState, ReplyStore
 
 from .budget import GlobalBudget, estimate_tokens
 from .coalescer import ChunkCoalescer

@@ -16,13 +16,15 @@ import threading
 import uuid
 from dataclasses import dataclass
 
-from chatcore import ai_requests, jsonlog, runtime_tuning, topology
-from chatcore.async_publisher import AsyncPublisher
+from socketio_pubsub_gcp.async_publisher import AsyncPublisher
+from socketio_pubsub_gcp.loop_runner import LoopRunner
+
+from chatcore import ai_requests
+from chatcore.bus import wiring
 from chatcore.errors import InvalidArgument
-from chatcore.loop_runner import LoopRunner
-from chatcore.pubsub_manager import GooglePubSubManager
-from chatcore.replies import ReplyStore
-from chatcore.store import ChatStore
+from chatcore.runtime import jsonlog, tuning
+from chatcore.store.conversations import ChatStore
+from chatcore.store.replies import ReplyStore
 
 from .budget import BudgetStore, GlobalBudget
 from .generation import ReplyGenerator
@@ -52,9 +54,8 @@ def build_runtime(settings: Settings, *, firestore_client=None, publisher=None, 
     db = firestore_client or firestore.AsyncClient(project=settings.gcp.project_id,
                                                    database=settings.gcp.firestore_database)
     # Every emit comes from the runner's loop: its RPCs are made there too, without sender threads.
-    bus = GooglePubSubManager(settings.gcp.project_id, topology.load().function_events_topic, write_only=True,
-                              publisher=publisher or AsyncPublisher(
-                                  runner.loop, client_options=settings.gcp.pubsub_client_options))
+    bus = wiring.function_emitter(settings.gcp.project_id, publisher=publisher or AsyncPublisher(
+        runner.loop, client_options=settings.gcp.pubsub_client_options))
     storage_client = storage_client or storage.Client(project=settings.gcp.project_id)
     files = FileReader(storage_client, settings.uploads_bucket, settings.file_text_max_chars,
                        settings.image_max_bytes)
@@ -72,7 +73,7 @@ def runtime() -> Runtime:
             jsonlog.configure(settings.log_level, settings.gcp.project_id)
             _runtime = build_runtime(settings)
             # After the clients exist, so they are frozen too.
-            runtime_tuning.tune(settings.gc_tuning)
+            tuning.tune(settings.gc_tuning)
         return _runtime
 
 

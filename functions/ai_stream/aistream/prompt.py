@@ -19,8 +19,8 @@ import logging
 from collections.abc import Sequence
 
 from chatcore import protocol
-from chatcore.store import Message
-from chatcore.uploads import read_object_head
+from chatcore.store.conversations import Message
+from chatcore.store.uploads import read_object_head
 
 from .providers import Attachment, Turn
 from .settings import Settings

@@ -31,12 +31,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from google.api_core import exceptions as gexc
+from socketio_pubsub_gcp.loop_runner import LoopRunner
 
 from chatcore import protocol
-from chatcore import uploads as uploads_mod
 from chatcore.errors import ChatError, InvalidArgument, TooLarge, Unavailable
-from chatcore.loop_runner import LoopRunner
-from chatcore.signing import UrlSigner
+from chatcore.identity.signing import UrlSigner
+from chatcore.store import uploads as uploads_mod
 
 from . import sniffing
 from .settings import Settings

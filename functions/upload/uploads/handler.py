@@ -14,16 +14,17 @@ from typing import Any
 
 from flask import Request, Response, json
 from google.api_core import exceptions as gexc
+from socketio_pubsub_gcp.loop_runner import LoopRunner
+from socketio_pubsub_gcp.publisher import Publisher
+from socketio_pubsub_gcp.pubsub_manager import GooglePubSubManager
 
-from chatcore import jsonlog, topology
-from chatcore import uploads as uploads_mod
-from chatcore.auth import TokenVerifier
+from chatcore.bus import wiring
 from chatcore.errors import ChatError, InvalidArgument, Unavailable
-from chatcore.loop_runner import LoopRunner
-from chatcore.publisher import Publisher
-from chatcore.pubsub_manager import GooglePubSubManager
-from chatcore.signing import UrlSigner
-from chatcore.store import ChatStore
+from chatcore.identity.auth import TokenVerifier
+from chatcore.identity.signing import UrlSigner
+from chatcore.runtime import jsonlog
+from chatcore.store import uploads as uploads_mod
+from chatcore.store.conversations import ChatStore
 
 from .finalize import Finalizer, parse_event
 from .requesting import MAX_BODY_BYTES, UploadRequester, error_body
@@ -99,9 +100,8 @@ class Runtime:
         with self._lock:
             if self._finalizer is None:
                 _, uploads = self._stores()
-                self._bus = GooglePubSubManager(self.settings.gcp.project_id, topology.load().function_events_topic,
-                                                write_only=True, publisher=self._publisher or Publisher(
-                                                    client_options=self.settings.gcp.pubsub_client_options))
+                self._bus = wiring.function_emitter(self.settings.gcp.project_id, publisher=self._publisher or Publisher(
+                    client_options=self.settings.gcp.pubsub_client_options))
                 self._finalizer = Finalizer(self.settings, uploads, self._storage_client(), self._bus, self.signer,
                                             self.runner)
             return self._finalizer

@@ -15,14 +15,14 @@ from datetime import timedelta
 from typing import Any
 
 from google.auth.exceptions import GoogleAuthError
+from socketio_pubsub_gcp.loop_runner import LoopRunner
 
 from chatcore import protocol
-from chatcore import uploads as uploads_mod
-from chatcore.auth import TokenVerifier, bearer_token
 from chatcore.errors import ChatError, Forbidden, InvalidArgument, NotFound, TooLarge, Unauthenticated, Unavailable
-from chatcore.loop_runner import LoopRunner
-from chatcore.signing import SigningUnavailable, UrlSigner
-from chatcore.store import ChatStore, utcnow
+from chatcore.identity.auth import TokenVerifier, bearer_token
+from chatcore.identity.signing import SigningUnavailable, UrlSigner
+from chatcore.store import uploads as uploads_mod
+from chatcore.store.conversations import ChatStore, utcnow
 
 from .settings import Settings
 

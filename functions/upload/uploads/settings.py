@@ -12,8 +12,6 @@ from dataclasses import dataclass, replace
 from datetime import timedelta
 
 from chatcore import topology
-from chatcore import uploads as uploads_mod
-from chatcore.auth import AuthConfig
 from chatcore.config import (
     ENV_LOCAL,
     ENV_PRODUCTION,
@@ -27,7 +25,9 @@ from chatcore.config import (
     process_environ,
 )
 from chatcore.errors import ConfigError
-from chatcore.signing import SigningConfig
+from chatcore.identity.auth import AuthConfig
+from chatcore.identity.signing import SigningConfig
+from chatcore.store import uploads as uploads_mod
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,1 @@
+"""Who is calling, and what may be fetched: JWT verification and dev tokens (``auth``), signed URLs (``signing``)."""
