@@ -2,8 +2,8 @@
 
 They play the browsers: light Socket.IO clients (bench/wsclient.py, WebSocket
 transport) connected to a real socket-service process, each joined to one
-conversation. Every ``ai_response_chunk`` / ``ai_response_complete`` /
-``ai_bench_probe`` is stamped with ``time.time()`` at receipt, on the same
+conversation. Every ``ai_response_chunk`` / ``ai_response_complete`` / probe
+(an ``ai_response_chunk`` marked ``ai_bench_probe``) is stamped with ``time.time()`` at receipt, on the same
 machine clock as the emitter's stamps. Running them apart from the emitting
 process keeps the emitter's CPU (and GIL) out of the receipt stamps, as on
 real machines.
@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import wsclient  # noqa: E402
 
-PROBE_EVENT = "ai_bench_probe"
+PROBE_EVENT = "ai_bench_probe"  # the key that marks an ai_response_chunk as a probe
 
 
 class Records:
@@ -42,10 +42,10 @@ class Records:
         now = time.time()
         if name == "ai_response_chunk":
             data = json.loads(raw)[1]
-            self.chunks.append([data["message_id"], data["seq"], now, len(data["chunk"])])
-        elif name == PROBE_EVENT:
-            data = json.loads(raw)[1]
-            self.probes.append([data["k"], data["n"], data["t"], now])
+            if PROBE_EVENT in data:
+                self.probes.append([data["k"], data["n"], data["t"], now])
+            else:
+                self.chunks.append([data["message_id"], data["seq"], now, len(data["chunk"])])
         elif name == "ai_response_complete":
             data = json.loads(raw)[1]
             self.completes.append([data["message_id"], now, data.get("status"), len(data.get("content") or "")])

@@ -34,9 +34,11 @@ Parts, in the order they run:
    ``ai_response_chunk`` records ``time.time()`` per (message_id, seq); light Socket.IO
    clients in another process (bench/ai_receiver.py), one per conversation, connected to
    the socket service, stamp receipt. The bus alone is measured in the same run: the same
-   write-only manager emits a probe event to the same rooms, received by the same clients,
+   write-only manager emits probes to the same rooms, received by the same clients,
    at the nominal rate (``--replies`` x ``--probe-rate``) once and, after each of the
-   ``--repeats`` chunk runs, at the message rate that run actually produced. Each latency
+   ``--repeats`` chunk runs, at the message rate that run actually produced (a probe is an
+   ``ai_response_chunk`` marked ``ai_bench_probe``: the socket service drops any event
+   from the functions' topic that a function does not emit, chatcore/bus/policy.py). Each latency
    is split at the moment Pub/Sub acknowledged the publish. The probes are emitted on
    the generator's event loop, as the chunks are. The generator process's CPU is also
    given per thread (its event loop, gRPC's own threads).
@@ -65,7 +67,8 @@ sys.path.insert(0, str(ROOT / "functions" / "ai_stream"))
 import psutil  # noqa: E402
 
 from bench import wsclient  # noqa: E402
-from bench.machine import CpuMeter, ThreadCpu, code_state, machine_info  # noqa: E402
+from bench.machine import CpuMeter, ThreadCpu, code_state, load, machine_info  # noqa: E402
+from bench.stack_run import run_async  # noqa: E402
 from chatcore import protocol  # noqa: E402
 from chatcore.identity.auth import issue_token  # noqa: E402
 from chatcore.runtime import tuning  # noqa: E402
@@ -76,7 +79,7 @@ from devstack.stack import Ports, Stack, check_prerequisites  # noqa: E402
 EMULATORS = ("firestore", "pubsub")  # CPU is reported per emulator: they cost very differently
 RESULTS = ROOT / "bench" / "results"
 PY = sys.executable
-PROBE_EVENT = "ai_bench_probe"
+PROBE_EVENT = "ai_bench_probe"  # the key that marks an ai_response_chunk as a probe
 GENEROUS_QUOTAS = {"AI_MAX_CONCURRENT_PER_USER": "100000", "AI_MESSAGES_PER_WINDOW": "1000000",
                    "EVENTS_PER_SECOND": "1000", "EVENT_BURST": "1000"}
 
@@ -94,17 +97,6 @@ def ms(values) -> dict:
     return {"p50_ms": round(pct(values, 0.50) * 1000, 1), "p90_ms": round(pct(values, 0.90) * 1000, 1),
             "p99_ms": round(pct(values, 0.99) * 1000, 1),
             "max_ms": round(max(values) * 1000, 1) if values else float("nan"), "samples": len(values)}
-
-
-def load() -> list[float]:
-    """1/5/15-min load averages, then the CPU pressure (PSI "some" avg10, % of time runnable tasks waited)."""
-    out = [round(x, 2) for x in os.getloadavg()]
-    try:
-        with open("/proc/pressure/cpu") as f:
-            out.append(float(f.readline().split()[1].split("=")[1]))
-    except (OSError, IndexError, ValueError):
-        pass
-    return out
 
 
 def busiest_window(times: list[float], window: float = 1.0) -> int:
@@ -164,11 +156,11 @@ class Instrumented:
 
         def emit(event, data=None, *args, **kwargs):
             now = time.time()
-            if event == protocol.AI_RESPONSE_CHUNK:
+            if event == protocol.AI_RESPONSE_CHUNK and PROBE_EVENT in data:
+                key = ("probe", data["n"])
+            elif event == protocol.AI_RESPONSE_CHUNK:
                 key = (data["message_id"], data["seq"])
                 self.emits[key] = now
-            elif event == PROBE_EVENT:
-                key = ("probe", data["n"])
             else:
                 key = None
                 if event in (protocol.AI_RESPONSE_COMPLETE, protocol.AI_RESPONSE_ERROR):
@@ -197,9 +189,9 @@ class Instrumented:
 
         replies.save_chunk = timed_save_chunk
         # Calls of the streaming loop, by kind; the Firestore requests they made are counted by the
-        # groups that carry them (save_chunk -> chunk_writer commits, stop_requested -> stop_reader reads).
-        self.store_calls = {"save_chunk": 0, "checkpoint": 0, "stop_requested": 0}
-        for name in ("checkpoint", "stop_requested"):
+        # groups that carry them (save_chunk -> chunk_writer commits, state (the stop poll) -> stop_reader reads).
+        self.store_calls = {"save_chunk": 0, "checkpoint": 0, "state": 0}
+        for name in ("checkpoint", "state"):
             setattr(replies, name, self._counted(name, getattr(replies, name)))
         self.replies = replies
 
@@ -402,7 +394,8 @@ async def probe_emitter(bus, rooms: list[str], convs: list[dict], per_room_rate:
         if delay > 0:
             await asyncio.sleep(delay)
         k = n % len(rooms)
-        bus.emit(PROBE_EVENT, {"conversation_id": convs[k]["id"], "k": k, "n": n, "t": time.time(), "chunk": text},
+        bus.emit(protocol.AI_RESPONSE_CHUNK, {PROBE_EVENT: True, "conversation_id": convs[k]["id"], "k": k, "n": n,
+                                              "t": time.time(), "chunk": text},
                  room=rooms[k])
         sent[0] += 1
     await asyncio.to_thread(bus.flush, 30)
@@ -453,7 +446,7 @@ async def concurrent_chunks(args, inst: Instrumented, receiver: Receiver, convs:
     # the watchers' checkpoint updates and their shared stop reads; and the calls behind them.
     store_rps = {"chunk_commits": round(commits / wall, 1), "save_chunk_calls": round(calls["save_chunk"] / wall, 1),
                  "checkpoints": round(calls["checkpoint"] / wall, 1), "stop_reads": round(stop_reads / wall, 1),
-                 "stop_polls": round(calls["stop_requested"] / wall, 1)}
+                 "stop_polls": round(calls["state"] / wall, 1)}
     cpu_pct = cpu.percent()
     thread_pct = threads.percent()
     got = await receiver.collect(lambda m: ids <= {c[0] for c in m["completes"]}, timeout=60)
@@ -1152,13 +1145,5 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def main() -> int:
-    args = parse_args()
-    try:
-        return asyncio.run(amain(args))
-    except KeyboardInterrupt:
-        return 130
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_async(amain, parse_args()))

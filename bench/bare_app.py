@@ -26,6 +26,7 @@ from aiohttp import web
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.pacing import pace_async  # noqa: E402
 from chatcore.runtime import tuning  # noqa: E402
 
 
@@ -41,22 +42,12 @@ def create_app(gc_tuning: bool = True) -> web.Application:
             await sio.enter_room(sid, auth["room"])
 
     async def emit_loop(rate: float, duration: float, rooms: list[str], event: str) -> None:
-        # Paced exactly like bench/bus_emitter.py: catch up every tick to
-        # where a perfectly regular sender would be.
-        start = time.perf_counter()
-        sent = 0
-        n_rooms = len(rooms)
-        while True:
-            elapsed = time.perf_counter() - start
-            if elapsed >= duration:
-                break
-            due = int(elapsed * rate)
-            while sent < due:
-                await sio.emit(event, {"t": time.time(), "n": sent}, room=rooms[sent % n_rooms])
-                sent += 1
-            state["emitted"] = sent
-            await asyncio.sleep(0.005)
-        state["emitted"] = sent
+        # Paced like bench/bus_emitter.py (bench/pacing.py), on a longer tick.
+        async def emit(n: int) -> None:
+            await sio.emit(event, {"t": time.time(), "n": n}, room=rooms[n % len(rooms)])
+            state["emitted"] = n + 1
+
+        await pace_async(rate, duration, emit, tick=0.005)
 
     async def start_emit(request: web.Request) -> web.Response:
         q = request.query

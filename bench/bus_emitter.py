@@ -25,6 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from socketio_pubsub_gcp.pubsub_manager import GooglePubSubManager  # noqa: E402
 
+from bench.pacing import pace  # noqa: E402
+
 
 def main() -> None:
     parser = argparse.ArgumentParser()
@@ -41,18 +43,9 @@ def main() -> None:
     print("READY", flush=True)
     if sys.stdin.readline().strip() != "GO":
         return
-    n_rooms = len(rooms)
-    sent = 0
     start = time.perf_counter()
-    while True:
-        elapsed = time.perf_counter() - start
-        if elapsed >= args.duration:
-            break
-        due = int(elapsed * args.rate)
-        while sent < due:
-            bus.emit(args.event, {"t": time.time(), "n": sent}, room=rooms[sent % n_rooms])
-            sent += 1
-        time.sleep(0.002)
+    sent = pace(args.rate, args.duration,
+                lambda n: bus.emit(args.event, {"t": time.time(), "n": n}, room=rooms[n % len(rooms)]))
     elapsed = time.perf_counter() - start
     flushed = bus.flush(timeout=60)
     error = bus.transport.last_publish_error

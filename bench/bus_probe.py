@@ -17,6 +17,7 @@ Protocol with bench/fanout.py: prints ``READY`` once subscribed, waits for
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import threading
@@ -28,7 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from google.api_core import exceptions as gexc  # noqa: E402
 from socketio_pubsub_gcp.pubsub_transport import PubSubTransport, new_host_id  # noqa: E402
 
-from chatcore import topology  # noqa: E402
+from bench.pacing import pace  # noqa: E402
+from chatcore.bus.wiring import instance_template  # noqa: E402
 
 
 def percentile(sorted_values: list[float], q: float) -> float | None:
@@ -48,7 +50,8 @@ def main() -> None:
     args = parser.parse_args()
 
     host_id = new_host_id()
-    template = topology.load().instance_subscription
+    # The socket service's subscription settings, on this probe's own topic alone (no functions' topic).
+    template = dataclasses.replace(instance_template(), filtered_topics=())
     transport = PubSubTransport(args.project, args.topic, host_id=host_id, subscription=template)
     try:
         transport.publisher.client.create_topic(name=transport.topic_path)
@@ -75,19 +78,13 @@ def main() -> None:
         transport.close()
         return
     rooms = [f"conv:probe-{i}" for i in range(args.keys)]
-    sent = 0
-    start = time.perf_counter()
-    while True:
-        elapsed = time.perf_counter() - start
-        if elapsed >= args.duration:
-            break
-        due = int(elapsed * args.rate)
-        while sent < due:
-            transport.publish([{"method": "emit", "event": "bench", "data": [{"t": time.time(), "n": sent}],
-                                "binary": False, "namespace": "/", "room": rooms[sent % args.keys],
-                                "skip_sid": None, "callback": None, "host_id": host_id}])
-            sent += 1
-        time.sleep(0.002)
+
+    def publish(n: int) -> None:
+        transport.publish([{"method": "emit", "event": "bench", "data": [{"t": time.time(), "n": n}],
+                            "binary": False, "namespace": "/", "room": rooms[n % args.keys],
+                            "skip_sid": None, "callback": None, "host_id": host_id}])
+
+    sent = pace(args.rate, args.duration, publish)
     transport.flush(timeout=30)
     time.sleep(args.drain)
     with lock:

@@ -60,6 +60,8 @@ import psutil  # noqa: E402
 
 from bench import wsclient  # noqa: E402
 from bench.machine import code_state, cpu_seconds  # noqa: E402
+from bench.pacing import pace_async  # noqa: E402
+from bench.stack_run import run_async  # noqa: E402
 from chatcore.identity.auth import issue_token  # noqa: E402
 from devstack.processes import Managed, free_port, http_ok  # noqa: E402
 from devstack.stack import Ports, Stack, check_prerequisites  # noqa: E402
@@ -700,27 +702,23 @@ async def send_phase(bench: Bench, rooms, members, url_a: str, url_b: str, pid_a
             refused[key] = refused.get(key, 0) + 1
 
         cpu = None
-        sent = 0
         start = time.perf_counter()
-        while True:
-            elapsed = time.perf_counter() - start
-            if elapsed >= a.send_seconds:
-                break
-            measuring = elapsed >= a.warmup
+
+        async def send(n: int) -> None:
+            nonlocal cpu
+            measuring = time.perf_counter() - start >= a.warmup
             if measuring and cpu is None:
                 cpu = CpuMeter(groups)
                 bench.profile(pid_a, f"send-{rate:.0f}-a", a.send_seconds - a.warmup)
-            due = int(elapsed * rate)
-            while sent < due:
-                r = sent % a.rooms
-                conn = senders[r][(sent // a.rooms) % on_a]
-                t = time.time()
-                text = f"bench {t:.6f} {run}{'m' if measuring else 'w'}{sent}"
-                future = conn.send_call("send_message", {"conversation_id": rooms[r]["id"], "message": text})
-                future.add_done_callback(lambda f, t=t, m=measuring: acked(f, t, m))
-                futures.append(future)
-                sent += 1
-            await asyncio.sleep(0.002)
+            r = n % a.rooms
+            conn = senders[r][(n // a.rooms) % on_a]
+            t = time.time()
+            text = f"bench {t:.6f} {run}{'m' if measuring else 'w'}{n}"
+            future = conn.send_call("send_message", {"conversation_id": rooms[r]["id"], "message": text})
+            future.add_done_callback(lambda f, t=t, m=measuring: acked(f, t, m))
+            futures.append(future)
+
+        sent = await pace_async(rate, a.send_seconds, send)
         cpu_pct = cpu.percent() if cpu else {}
         done, pending = await asyncio.wait(futures, timeout=60)
         for future in pending:
@@ -898,13 +896,5 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def main() -> int:
-    args = parse_args()
-    try:
-        return asyncio.run(amain(args))
-    except KeyboardInterrupt:
-        return 130
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_async(amain, parse_args()))

@@ -1,4 +1,4 @@
-"""What every benchmark records about the machine, and CPU accounting of process groups."""
+"""What every benchmark records about the machine (and its load), and CPU accounting of process groups."""
 
 from __future__ import annotations
 
@@ -43,6 +43,18 @@ def machine_info(**extra) -> dict:
     return {"date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"), "nproc": os.cpu_count(),
             "cpu_model": cpu_model(), "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
             "python": platform.python_version(), "kernel": platform.release(), "libraries": libraries, **extra}
+
+
+def load() -> list[float]:
+    """1/5/15-min load averages, then the CPU pressure (PSI "some" avg10, % of time runnable tasks waited)
+    where the kernel reports it."""
+    out = [round(x, 2) for x in os.getloadavg()]
+    try:
+        with open("/proc/pressure/cpu") as f:
+            out.append(float(f.readline().split()[1].split("=")[1]))
+    except (OSError, IndexError, ValueError):
+        pass
+    return out
 
 
 def _processes(pid: int, descendants: bool) -> list[psutil.Process]:

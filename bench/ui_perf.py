@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime as dt
 import json
 import os
 import statistics
@@ -46,13 +45,12 @@ import aiohttp
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.machine import machine_info  # noqa: E402
+from bench.machine import load  # noqa: E402
+from bench.stack_run import run_on_stack  # noqa: E402
 from chatcore.identity.auth import issue_token  # noqa: E402
 from chatcore.store.conversations import Message  # noqa: E402
-from devstack.processes import free_port  # noqa: E402
-from devstack.stack import Ports, Stack, check_prerequisites  # noqa: E402
+from devstack.stack import Stack  # noqa: E402
 
-RESULTS = ROOT / "bench" / "results"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 QUOTAS = {"AI_MAX_CONCURRENT_PER_USER": "1000", "AI_MESSAGES_PER_WINDOW": "100000"}
@@ -234,17 +232,6 @@ MARKDOWN_COST_JS = r"""
 
 def stream_words(n: int) -> str:
     return " ".join(f"word{i}" for i in range(1, n + 1))
-
-
-def load() -> list[float]:
-    """1/5/15-min load averages, then CPU pressure (PSI "some" avg10) when available."""
-    out = [round(x, 2) for x in os.getloadavg()]
-    try:
-        with open("/proc/pressure/cpu") as f:
-            out.append(float(f.readline().split()[1].split("=")[1]))
-    except (OSError, IndexError, ValueError):
-        pass
-    return out
 
 
 def chromium_info(chromium: str) -> dict:
@@ -451,38 +438,16 @@ def main() -> int:
     p.add_argument("--chromium", default=os.environ.get("CHROMIUM_PATH") or "/usr/bin/chromium")
     args = p.parse_args()
 
-    missing = check_prerequisites()
-    if missing:
-        print("missing: " + "; ".join(missing), file=sys.stderr)
-        return 2
-    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
-    out: dict = {"command": " ".join([".venv/bin/python", "bench/ui_perf.py", *sys.argv[1:]]),
-                 "machine": machine_info(**chromium_info(args.chromium)), "load_start": load(),
-                 "settings": {"CHUNK_INTERVAL_MS": args.chunk_ms, "OFFLINE_TOKEN_DELAY_MS": args.token_ms,
-                              "viewport": "1200x800", "page_size": 50}}
-    print(json.dumps(out["machine"]), "load", out["load_start"], flush=True)
-    stack = Stack(ports=Ports(firestore=free_port(), pubsub=free_port(), gcs=free_port(), chat=free_port(),
-                              ai=free_port()),
-                  log_dir=RESULTS / f"logs-ui-{stamp}", project_id="chat-bench-ui")
-    rc = 0
-    try:
-        stack.start_emulators()
+    def body(stack: Stack, out: dict) -> None:
+        out["settings"] = {"CHUNK_INTERVAL_MS": args.chunk_ms, "OFFLINE_TOKEN_DELAY_MS": args.token_ms,
+                           "viewport": "1200x800", "page_size": 50}
+        print(json.dumps(out["machine"]), "load", out["load_start"], flush=True)
         stack.start_ai_function(stack.ports.ai, OFFLINE_TOKEN_DELAY_MS=args.token_ms, CHUNK_INTERVAL_MS=args.chunk_ms)
         stack.start_socket_service(stack.ports.chat, name="socket-ui", **QUOTAS)
         out["load_stack_up"] = load()
         asyncio.run(asyncio.wait_for(bench(stack, args, out), args.max_minutes * 60))
-    except Exception as exc:  # noqa: BLE001 - a benchmark reports what it got
-        out["error"] = f"{type(exc).__name__}: {exc}"
-        print("error:", out["error"], file=sys.stderr)
-        rc = 1
-    finally:
-        stack.stop()
-        out["load_end"] = load()
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        path = RESULTS / f"ui_perf-{stamp}.json"
-        path.write_text(json.dumps(out, indent=2))
-        print(f"wrote {path.relative_to(ROOT)}")
-    return rc
+
+    return run_on_stack("ui_perf", body, machine=chromium_info(args.chromium))
 
 
 if __name__ == "__main__":

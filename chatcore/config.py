@@ -12,9 +12,12 @@ import math
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Any, TypeVar
 
 from .errors import ConfigError
+
+T = TypeVar("T")
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
@@ -87,6 +90,24 @@ def env_choice(environ: Mapping[str, str], name: str, default: str, choices: tup
         raise ConfigError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
     return value
 
+
+
+def env_log_level(environ: Mapping[str, str]) -> str:
+    """``LOG_LEVEL`` of every process: debug, info (the default), warning or error."""
+    return env_choice(environ, "LOG_LEVEL", "info", ("debug", "info", "warning", "error"))
+
+
+def require_explicit_cors(origins: tuple[str, ...]) -> None:
+    """In production, browsers may call only from origins named one by one."""
+    if not origins or "*" in origins:
+        raise ConfigError("CHAT_ENV=production needs explicit CORS_ALLOWED_ORIGINS (no '*')")
+
+
+def with_overrides(settings: T, overrides: Mapping[str, Any]) -> T:
+    """A process's settings read from the environment, with ``overrides`` (tests) applied, validated."""
+    settings = replace(settings, **overrides)
+    settings.validate()
+    return settings
 
 @dataclass(frozen=True)
 class GcpConfig:

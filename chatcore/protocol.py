@@ -7,6 +7,7 @@ cannot drift apart. PROTOCOL.md is the prose documentation of this module.
 
 from __future__ import annotations
 
+import json
 import re
 from datetime import UTC, datetime
 from typing import Any
@@ -81,6 +82,19 @@ def conversation_room(conversation_id: str) -> str:
 
 def user_room(user_id: str) -> str:
     return f"user:{user_id}"
+
+
+def parse_json_object(raw: bytes | str) -> dict:
+    """An HTTP request body that must be one JSON object; ``InvalidArgument`` (400) otherwise."""
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        raise InvalidArgument("body must be JSON") from None
+    except RecursionError:
+        raise InvalidArgument("body is nested too deeply") from None
+    if not isinstance(body, dict):
+        raise InvalidArgument("body must be a JSON object")
+    return body
 
 
 def parse_conversation_id(value: Any) -> str:

@@ -37,8 +37,7 @@ from datetime import timedelta
 import socketio
 from aiohttp import web
 from google.cloud import firestore, storage
-from socketio_pubsub_gcp import Publisher
-from socketio_pubsub_gcp import backoff
+from socketio_pubsub_gcp import Publisher, backoff
 
 from chatcore import protocol, topology
 from chatcore.ai_requests import AiRequest

@@ -10,7 +10,6 @@ Errors are ``{"error": {"code", "message"}}`` with the status of the
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -163,15 +162,7 @@ async def json_body(request: web.Request) -> dict:
     raw = await read_body(request, MAX_JSON_BODY)
     if not raw.strip():
         return {}
-    try:
-        body = json.loads(raw)
-    except ValueError:
-        raise InvalidArgument("body must be JSON") from None
-    except RecursionError:
-        raise InvalidArgument("body is nested too deeply") from None
-    if not isinstance(body, dict):
-        raise InvalidArgument("body must be a JSON object")
-    return body
+    return protocol.parse_json_object(raw)
 
 
 def conversation_id(request: web.Request) -> str:

@@ -7,7 +7,7 @@ defaults below. Every variable is listed, with its meaning, in README.md.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import timedelta
 from urllib.parse import urlparse
 
@@ -23,8 +23,11 @@ from chatcore.config import (
     env_float,
     env_int,
     env_list,
+    env_log_level,
     env_str,
     process_environ,
+    require_explicit_cors,
+    with_overrides,
 )
 from chatcore.errors import ConfigError
 from chatcore.identity.auth import HMAC_ALGORITHMS, AuthConfig
@@ -149,18 +152,15 @@ class Settings:
             request_deadline_seconds=env_float(env, "REQUEST_DEADLINE_SECONDS", 10.0, minimum=0.5, maximum=60),
             upload_stall_seconds=env_float(env, "UPLOAD_STALL_SECONDS", 30.0, minimum=1, maximum=600),
             gc_tuning=env_bool(env, "GC_TUNING", True),
-            log_level=env_choice(env, "LOG_LEVEL", "info", ("debug", "info", "warning", "error")),
+            log_level=env_log_level(env),
         )
-        settings = replace(settings, **overrides)
-        settings.validate()
-        return settings
+        return with_overrides(settings, overrides)
 
     def validate(self) -> None:
         if self.environment == ENV_PRODUCTION:
             if self.dev_tokens:
                 raise ConfigError("DEV_TOKENS is enabled but CHAT_ENV=production: refusing to start")
-            if not self.cors_allowed_origins or "*" in self.cors_allowed_origins:
-                raise ConfigError("CHAT_ENV=production needs explicit CORS_ALLOWED_ORIGINS (no '*')")
+            require_explicit_cors(self.cors_allowed_origins)
             self.auth.check_for_production()
         bad = [o for o in self.frame_ancestors if o != SELF and origin_of(o) != o]
         if bad:

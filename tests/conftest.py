@@ -26,14 +26,20 @@ from devstack.stack import Ports, Stack, check_prerequisites
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 
 
+def new_stack(project_id: str, log_prefix: str = "") -> Stack:
+    """A stack of its own on free ports, nothing started yet; it logs to test-artifacts/logs/[log_prefix-]<random>."""
+    run = uuid.uuid4().hex[:8]
+    return Stack(ports=Ports(firestore=free_port(), pubsub=free_port(), gcs=free_port(), chat=free_port(),
+                             ai=free_port()),
+                 log_dir=ARTIFACTS / "logs" / (f"{log_prefix}-{run}" if log_prefix else run), project_id=project_id)
+
+
 @pytest.fixture(scope="session")
 def stack():
     missing = check_prerequisites()
     if missing:
         pytest.fail("integration tests need: " + "; ".join(missing), pytrace=False)
-    s = Stack(ports=Ports(firestore=free_port(), pubsub=free_port(), gcs=free_port(), chat=free_port(),
-                          ai=free_port()),
-              log_dir=ARTIFACTS / "logs" / uuid.uuid4().hex[:8], project_id="chat-test")
+    s = new_stack("chat-test")
     try:
         s.start_emulators()
         # In-process clients used by tests (assertions on Firestore, Pub/Sub) talk to the same emulators.

@@ -39,9 +39,10 @@ import binascii
 import hashlib
 import logging
 import secrets
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from typing import Any
 
 from google.api_core import exceptions as gexc
@@ -331,6 +332,28 @@ def _plan(send: Send, now: datetime) -> Posted:
 
 async def _collect(iterator: AsyncIterator) -> list:
     return [item async for item in iterator]
+
+
+
+async def _each_within(reads: Sequence[Callable[[], Awaitable[None]]], budget_seconds: float, failed: str) -> None:
+    """Run the per-conversation reads of a list page, ``UNREAD_CONCURRENCY`` at a time, for at most
+    ``budget_seconds`` in all: those still running then are cancelled (their entries stay as they
+    were), and a read that failed is logged with ``failed`` and skipped."""
+    if not reads:
+        return
+    limit = asyncio.Semaphore(UNREAD_CONCURRENCY)
+
+    async def limited(read: Callable[[], Awaitable[None]]) -> None:
+        async with limit:
+            await read()
+
+    tasks = [asyncio.ensure_future(limited(read)) for read in reads]
+    done, pending = await asyncio.wait(tasks, timeout=max(0.0, budget_seconds))
+    for task in pending:
+        task.cancel()
+    for task in done:
+        if task.exception() is not None:
+            logger.warning("%s: %r", failed, task.exception())
 
 
 class ChatStore:
@@ -670,20 +693,11 @@ class ChatStore:
                 counts[conv.id] = 0
             else:
                 todo.append((conv.id, marker))
-        limit = asyncio.Semaphore(UNREAD_CONCURRENCY)
 
         async def count(cid: str, marker: str | None) -> None:
-            async with limit:
-                counts[cid] = await self.unread_count(cid, marker)
+            counts[cid] = await self.unread_count(cid, marker)
 
-        tasks = [asyncio.ensure_future(count(cid, marker)) for cid, marker in todo]
-        if tasks:
-            done, pending = await asyncio.wait(tasks, timeout=max(0.0, budget_seconds))
-            for task in pending:
-                task.cancel()
-            for task in done:
-                if task.exception() is not None:
-                    logger.warning("unread count failed: %r", task.exception())
+        await _each_within([partial(count, cid, marker) for cid, marker in todo], budget_seconds, "unread count failed")
         return counts
 
     async def latest_messages(self, conversations: Sequence[Conversation],
@@ -696,23 +710,14 @@ class ChatStore:
         automatic single-field index serves), at most ``UNREAD_CONCURRENCY`` at a time.
         """
         latest: dict[str, dict | None] = {c.id: None for c in conversations}
-        limit = asyncio.Semaphore(UNREAD_CONCURRENCY)
 
         async def read(cid: str) -> None:
-            async with limit:
-                query = (self.conversation_ref(cid).collection(MESSAGES)
-                         .order_by("sort_key", direction=firestore.Query.DESCENDING).limit(1))
-                async for doc in query.stream():
-                    latest[cid] = Message.from_doc(cid, doc).last_message()
+            query = (self.conversation_ref(cid).collection(MESSAGES)
+                     .order_by("sort_key", direction=firestore.Query.DESCENDING).limit(1))
+            async for doc in query.stream():
+                latest[cid] = Message.from_doc(cid, doc).last_message()
 
-        tasks = [asyncio.ensure_future(read(c.id)) for c in conversations]
-        if tasks:
-            done, pending = await asyncio.wait(tasks, timeout=max(0.0, budget_seconds))
-            for task in pending:
-                task.cancel()
-            for task in done:
-                if task.exception() is not None:
-                    logger.warning("latest message not read: %r", task.exception())
+        await _each_within([partial(read, c.id) for c in conversations], budget_seconds, "latest message not read")
         return latest
 
     async def read_marker(self, conversation_id: str, user_id: str) -> str | None:

@@ -37,14 +37,21 @@ def admit(doc: dict | None, reply_id: str, now: datetime, policy: QuotaPolicy) -
               if started > now - policy.stale_after}
     if len(active) >= policy.max_concurrent:
         raise RateLimited(f"at most {policy.max_concurrent} replies at a time; wait for one to finish")
+    window = count_in_window(doc, now, policy.window_seconds, policy.messages_per_window, "messages")
+    active[reply_id] = now
+    return {"active": active, **window}
+
+
+def count_in_window(doc: dict, now: datetime, window_seconds: int, limit: int, what: str) -> dict:
+    """One more in a fixed window of ``window_seconds`` (``window_start``, ``window_count`` of a quota
+    document, a new window once the last has passed), or ``RateLimited`` if ``limit`` are in it already."""
     window_start = doc.get("window_start")
     count = doc.get("window_count", 0)
-    if window_start is None or window_start <= now - timedelta(seconds=policy.window_seconds):
+    if window_start is None or window_start <= now - timedelta(seconds=window_seconds):
         window_start, count = now, 0
-    if count >= policy.messages_per_window:
-        raise RateLimited(f"at most {policy.messages_per_window} messages per {policy.window_seconds} s")
-    active[reply_id] = now
-    return {"active": active, "window_start": window_start, "window_count": count + 1}
+    if count >= limit:
+        raise RateLimited(f"at most {limit} {what} per {window_seconds} s")
+    return {"window_start": window_start, "window_count": count + 1}
 
 
 def release_slot(db, writes, user_id: str | None, reply_id: str) -> None:

@@ -49,8 +49,9 @@ from functools import lru_cache
 from google.cloud import firestore
 
 from .. import protocol, topology
-from ..errors import Forbidden, InvalidArgument, NotFound, RateLimited, TooLarge
+from ..errors import Forbidden, InvalidArgument, NotFound, TooLarge
 from .conversations import TOUCH_INTERVAL, ChatStore, Conversation, Message, order_key, utcnow
+from .quotas import count_in_window
 
 UPLOAD_QUOTAS = "upload_quotas"
 STORED_BY_DAY = "stored_bytes_by_day"
@@ -220,14 +221,7 @@ class PendingUpload:
 
 def window_admit(doc: dict | None, now: datetime, policy: UploadPolicy) -> dict:
     """The quota document after admitting one more upload, or ``RateLimited``."""
-    doc = doc or {}
-    window_start = doc.get("window_start")
-    count = doc.get("window_count", 0)
-    if window_start is None or window_start <= now - timedelta(seconds=policy.window_seconds):
-        window_start, count = now, 0
-    if count >= policy.uploads_per_window:
-        raise RateLimited(f"at most {policy.uploads_per_window} uploads per {policy.window_seconds} s")
-    return {"window_start": window_start, "window_count": count + 1}
+    return count_in_window(doc or {}, now, policy.window_seconds, policy.uploads_per_window, "uploads")
 
 
 def stored_bytes_by_day(doc: dict | None, now: datetime, policy: UploadPolicy) -> dict[str, int]:

@@ -32,40 +32,51 @@ resource "google_firestore_database" "main" {
   depends_on = [google_project_service.apis]
 }
 
-# GET /api/conversations (chatcore/store/conversations.py list_conversations):
-# participants array-contains <user> ORDER BY updated_key DESC (and
-# updated_key < cursor for the next page).
-resource "google_firestore_index" "conversations_by_participant" {
-  project    = var.project_id
-  database   = google_firestore_database.main.name
-  collection = "conversations"
-
-  fields {
-    field_path   = "participants"
-    array_config = "CONTAINS"
-  }
-  fields {
-    field_path = "updated_key"
-    order      = "DESCENDING"
+# The composite indexes, by the query each serves; every field is ordered
+# (ASCENDING or DESCENDING) or, for an array-contains filter, array_config = CONTAINS.
+locals {
+  firestore_indexes = {
+    # GET /api/conversations (chatcore/store/conversations.py list_conversations):
+    # participants array-contains <user> ORDER BY updated_key DESC (and
+    # updated_key < cursor for the next page).
+    conversations_by_participant = {
+      collection  = "conversations"
+      query_scope = null # the default, COLLECTION
+      fields = [
+        { field_path = "participants", order = null, array_config = "CONTAINS" },
+        { field_path = "updated_key", order = "DESCENDING", array_config = null },
+      ]
+    }
+    # The stale-reply sweeper (chatcore/store/replies.py fail_stale), across every
+    # conversation: collection group `messages` WHERE status IN [pending,
+    # streaming] AND heartbeat_at < cutoff.
+    messages_stale_replies = {
+      collection  = "messages"
+      query_scope = "COLLECTION_GROUP"
+      fields = [
+        { field_path = "status", order = "ASCENDING", array_config = null },
+        { field_path = "heartbeat_at", order = "ASCENDING", array_config = null },
+      ]
+    }
   }
 }
 
-# The stale-reply sweeper (chatcore/store/replies.py fail_stale), across every
-# conversation: collection group `messages` WHERE status IN [pending,
-# streaming] AND heartbeat_at < cutoff.
-resource "google_firestore_index" "messages_stale_replies" {
+resource "google_firestore_index" "indexes" {
+  for_each = local.firestore_indexes
+
   project     = var.project_id
   database    = google_firestore_database.main.name
-  collection  = "messages"
-  query_scope = "COLLECTION_GROUP"
+  collection  = each.value.collection
+  query_scope = each.value.query_scope
 
-  fields {
-    field_path = "status"
-    order      = "ASCENDING"
-  }
-  fields {
-    field_path = "heartbeat_at"
-    order      = "ASCENDING"
+  # In the order given: an index's field order is part of what it serves.
+  dynamic "fields" {
+    for_each = each.value.fields
+    content {
+      field_path   = fields.value.field_path
+      order        = fields.value.order
+      array_config = fields.value.array_config
+    }
   }
 }
 

@@ -12,119 +12,37 @@
 locals {
   function_build_dir = "${path.module}/.build/functions"
 
-  # Environment of the upload functions (functions/upload/uploads/settings.py);
-  # both targets read the same settings.
-  upload_env = {
-    CHAT_ENV                   = "production"
-    GOOGLE_CLOUD_PROJECT       = var.project_id
-    FIRESTORE_DATABASE         = google_firestore_database.main.name
-    LOG_LEVEL                  = var.log_level
-    JWT_ALGORITHMS             = local.auth_env_values.JWT_ALGORITHMS
-    CORS_ALLOWED_ORIGINS       = join(",", local.cors_origins)
-    UPLOAD_BUCKET              = google_storage_bucket.uploads.name
-    UPLOAD_PENDING_TTL_SECONDS = local.uploads_layout.pending_ttl_seconds
-    SIGNING_SERVICE_ACCOUNT    = google_service_account.upload.email
-    # The storage quota counts the days the bucket keeps (storage.tf).
-    UPLOAD_RETENTION_DAYS = var.upload_retention_days
-    # functions-framework (gunicorn) threads = requests served at once.
-    THREADS = var.upload_concurrency
-    # Regional Pub/Sub endpoint (ordering keys are ordered within one region).
-    PUBSUB_REGION = var.region
-  }
-  # Tunables: left out when null or empty (application default).
-  upload_optional_env = {
-    JWT_PUBLIC_KEY         = local.auth_env_values.JWT_PUBLIC_KEY
-    JWT_JWKS_URL           = local.auth_env_values.JWT_JWKS_URL
-    JWT_ISSUER             = local.auth_env_values.JWT_ISSUER
-    JWT_AUDIENCE           = local.auth_env_values.JWT_AUDIENCE
-    JWT_LEEWAY_SECONDS     = local.auth_env_values.JWT_LEEWAY_SECONDS
-    UPLOAD_URL_TTL_SECONDS = var.upload_url_ttl_seconds
-    MAX_UPLOAD_BYTES       = var.max_upload_bytes
-    ALLOWED_CONTENT_TYPES  = join(",", var.allowed_content_types)
-    MAX_MESSAGE_CHARS      = var.max_message_chars
-    UPLOADS_PER_WINDOW     = var.uploads_per_window
-    UPLOAD_WINDOW_SECONDS  = var.upload_window_seconds
-    # Storage one user's files may take over the retention period.
-    UPLOAD_USER_QUOTA_BYTES = var.upload_user_quota_bytes
-  }
-  upload_environment = { for k, v in merge(local.upload_env, {
-    for name, value in local.upload_optional_env : name => value if value != null && value != ""
-  }) : k => tostring(v) }
-  upload_secret_env = {
-    JWT_SECRET = google_secret_manager_secret.jwt.secret_id
-  }
-
-  # Environment of ai_stream (functions/ai_stream/aistream/settings.py).
-  ai_stream_env = {
-    CHAT_ENV             = "production"
-    GOOGLE_CLOUD_PROJECT = var.project_id
-    FIRESTORE_DATABASE   = google_firestore_database.main.name
-    LOG_LEVEL            = var.log_level
-    AI_PROVIDER          = var.ai_provider
-    AI_MAX_REPLY_SECONDS = var.ai_max_reply_seconds
-    # Vertex AI with the function's own account unless an API key is given.
-    GEMINI_USE_VERTEXAI     = var.gemini_api_key_secret == "" ? "1" : "0"
-    OPENAI_MAX_TOKENS_FIELD = var.openai_max_tokens_field
-    UPLOAD_BUCKET           = google_storage_bucket.uploads.name
-    THREADS                 = var.ai_stream_concurrency
-    PUBSUB_REGION           = var.region
-  }
-  # Tunables: left out when null or empty (application default).
-  ai_stream_optional_env = {
-    AI_SYSTEM_PROMPT         = var.ai_system_prompt
-    AI_MAX_OUTPUT_TOKENS     = var.ai_max_output_tokens
-    PROVIDER_TIMEOUT_SECONDS = var.provider_timeout_seconds
-    GEMINI_MODEL             = var.gemini_model
-    GEMINI_LOCATION          = var.gemini_location
-    OPENAI_BASE_URL          = var.openai_base_url
-    OPENAI_MODEL             = var.openai_model
-    OPENAI_ORGANIZATION      = var.openai_organization
-    # Hosts OPENAI_BASE_URL may name in production; the budget of all replies together.
-    OPENAI_ALLOWED_HOSTS      = join(",", var.openai_allowed_hosts)
-    AI_GLOBAL_TOKENS_PER_HOUR = var.ai_global_tokens_per_hour
-  }
-  ai_stream_environment = { for k, v in merge(local.ai_stream_env, {
-    for name, value in local.ai_stream_optional_env : name => value if value != null && value != ""
-  }) : k => tostring(v) }
-  ai_stream_secret_env = {
-    OPENAI_API_KEY = var.openai_api_key_secret
-    GEMINI_API_KEY = var.gemini_api_key_secret
+  # What the two targets of functions/upload share: their source folder,
+  # service account, sizing and environment (environment.tf).
+  upload_function = {
+    source          = "upload"
+    service_account = google_service_account.upload.email
+    memory          = "512Mi"
+    concurrency     = var.upload_concurrency
+    max_instances   = var.upload_max_instances
+    min_instances   = null
+    environment     = local.upload_environment
+    secret_env      = local.jwt_uses_hmac ? local.token_secret_env : {}
   }
 
   # The three functions, by functions-framework target (= entry point); one
   # google_cloudfunctions2_function each. `source` names the staged folder
   # (.build/functions/<source>, python -m deploy package).
   functions = {
-    request_upload = {
-      name            = "request-upload"
-      description     = "Answers a V4 signed PUT URL for one file (functions/upload, target request_upload)."
-      source          = "upload"
-      service_account = google_service_account.upload.email
+    request_upload = merge(local.upload_function, {
+      name        = "request-upload"
+      description = "Answers a V4 signed PUT URL for one file (functions/upload, target request_upload)."
       # Public: browsers call it (iam.tf, public_access); every request carries a JWT checked in code.
-      ingress       = "ALLOW_ALL"
-      memory        = "512Mi"
-      concurrency   = var.upload_concurrency
-      max_instances = var.upload_max_instances
-      min_instances = null
-      timeout       = 60
-      environment   = local.upload_environment
-      secret_env    = local.jwt_uses_hmac ? local.upload_secret_env : {}
-    }
-    on_upload_finalized = {
-      name            = "on-upload-finalized"
-      description     = "Checks a finalized upload and posts it to the room (functions/upload, target on_upload_finalized)."
-      source          = "upload"
-      service_account = google_service_account.upload.email
-      ingress         = var.push_function_ingress
-      memory          = "512Mi"
-      concurrency     = var.upload_concurrency
-      max_instances   = var.upload_max_instances
-      min_instances   = null
+      ingress = "ALLOW_ALL"
+      timeout = 60
+    })
+    on_upload_finalized = merge(local.upload_function, {
+      name        = "on-upload-finalized"
+      description = "Checks a finalized upload and posts it to the room (functions/upload, target on_upload_finalized)."
+      ingress     = var.push_function_ingress
       # As long as Pub/Sub waits for the push to be answered.
-      timeout     = local.push_by_target["on_upload_finalized"].ack_deadline_seconds
-      environment = local.upload_environment
-      secret_env  = local.jwt_uses_hmac ? local.upload_secret_env : {}
-    }
+      timeout = local.push_by_target["on_upload_finalized"].ack_deadline_seconds
+    })
     ai_stream = {
       name            = "ai-stream"
       description     = "Streams one AI reply to its room (functions/ai_stream, target ai_stream)."
@@ -237,30 +155,4 @@ resource "google_cloudfunctions2_function" "functions" {
     # The push-fed functions emit to chat-events-functions (iam.tf): granted before they run.
     google_pubsub_topic_iam_member.publishers,
   ]
-}
-
-# Addresses before the functions became one for_each (existing deployments keep their resources).
-moved {
-  from = google_cloudfunctions2_function.request_upload
-  to   = google_cloudfunctions2_function.functions["request_upload"]
-}
-
-moved {
-  from = google_cloudfunctions2_function.on_upload_finalized
-  to   = google_cloudfunctions2_function.functions["on_upload_finalized"]
-}
-
-moved {
-  from = google_cloudfunctions2_function.ai_stream
-  to   = google_cloudfunctions2_function.functions["ai_stream"]
-}
-
-moved {
-  from = google_storage_bucket_object.upload_source
-  to   = google_storage_bucket_object.function_source["upload"]
-}
-
-moved {
-  from = google_storage_bucket_object.ai_stream_source
-  to   = google_storage_bucket_object.function_source["ai_stream"]
 }

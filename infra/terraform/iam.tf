@@ -48,19 +48,6 @@ resource "google_service_account" "functions_build" {
   depends_on = [google_project_service.apis]
 }
 
-# -- Firestore: no finer role than datastore.user exists for data access. -----
-resource "google_project_iam_member" "firestore_user" {
-  for_each = {
-    socket    = google_service_account.socket.member
-    upload    = google_service_account.upload.member
-    ai_stream = google_service_account.ai_stream.member
-  }
-
-  project = var.project_id
-  role    = "roles/datastore.user"
-  member  = each.value
-}
-
 # -- Pub/Sub: publishing is granted per topic. --------------------------------
 # The room bus trusts a topic as far as these grants go (chatcore/bus/policy.py):
 # socket-service instances obey every manager command (disconnect, enter_room,
@@ -101,7 +88,8 @@ resource "google_pubsub_topic_iam_member" "publishers" {
 #     those two topics and to no other;
 #   - roles/pubsub.viewer on the chat-events topic: topics.get, used by /readyz;
 #   - a custom project role with exactly subscriptions.create, .get, .consume
-#     and .delete (no update, no topic or snapshot permissions).
+#     and .delete (no update, no topic or snapshot permissions), granted on the
+#     project (google_project_iam_member.runtime, below).
 # What remains broader than ideal: list/consume/delete apply to every
 # subscription of the project (including the push and dead-letter ones). IAM
 # conditions on resource.name are not available for Pub/Sub
@@ -126,12 +114,6 @@ resource "google_project_iam_custom_role" "instance_subscriptions" {
   ]
 }
 
-resource "google_project_iam_member" "socket_instance_subscriptions" {
-  project = var.project_id
-  role    = google_project_iam_custom_role.instance_subscriptions.name
-  member  = google_service_account.socket.member
-}
-
 # subscriber on the two room-bus topics (attaching the per-instance
 # subscriptions), viewer on chat-events (topics.get, for /readyz).
 resource "google_pubsub_topic_iam_member" "socket_bus" {
@@ -145,22 +127,6 @@ resource "google_pubsub_topic_iam_member" "socket_bus" {
   topic   = google_pubsub_topic.topics[each.value.topic].name
   role    = each.value.role
   member  = google_service_account.socket.member
-}
-
-# Addresses before the three grants became one for_each (existing deployments keep them).
-moved {
-  from = google_pubsub_topic_iam_member.socket_attach_chat_events
-  to   = google_pubsub_topic_iam_member.socket_bus["attach_chat_events"]
-}
-
-moved {
-  from = google_pubsub_topic_iam_member.socket_attach_function_events
-  to   = google_pubsub_topic_iam_member.socket_bus["attach_function_events"]
-}
-
-moved {
-  from = google_pubsub_topic_iam_member.socket_view_chat_events
-  to   = google_pubsub_topic_iam_member.socket_bus["view_chat_events"]
 }
 
 # -- Cloud Storage: on the uploads bucket only. --------------------------------
@@ -210,11 +176,22 @@ resource "google_service_account_iam_member" "self_sign" {
   member             = each.value.member
 }
 
-# -- Vertex AI for the gemini provider. ---------------------------------------
-resource "google_project_iam_member" "ai_stream_vertex" {
+# -- Project-level roles of the runtime accounts. -----------------------------
+resource "google_project_iam_member" "runtime" {
+  for_each = {
+    # Firestore: no finer role than datastore.user exists for data access.
+    socket_firestore    = { role = "roles/datastore.user", member = google_service_account.socket.member }
+    upload_firestore    = { role = "roles/datastore.user", member = google_service_account.upload.member }
+    ai_stream_firestore = { role = "roles/datastore.user", member = google_service_account.ai_stream.member }
+    # The socket service's per-instance subscriptions (custom role instance_subscriptions, above).
+    socket_instance_subscriptions = { role = google_project_iam_custom_role.instance_subscriptions.name, member = google_service_account.socket.member }
+    # Vertex AI for the gemini provider.
+    ai_stream_vertex = { role = "roles/aiplatform.user", member = google_service_account.ai_stream.member }
+  }
+
   project = var.project_id
-  role    = "roles/aiplatform.user"
-  member  = google_service_account.ai_stream.member
+  role    = each.value.role
+  member  = each.value.member
 }
 
 # -- Builds (Cloud Build with a dedicated account). ----------------------------
@@ -288,26 +265,19 @@ resource "google_cloud_run_v2_service_iam_member" "push_invoker" {
   member   = google_service_account.push_invoker.member
 }
 
-resource "google_cloud_run_v2_service_iam_member" "request_upload_public" {
-  # Public on purpose: browsers call it from the chat page; every request is
-  # authenticated in code by its JWT (chatcore.identity.auth), CORS names only our origins.
-  count = var.public_access == "allUsers" ? 1 : 0
+# Public on purpose, in the allUsers mode only: browsers call both from the
+# chat page; every Socket.IO connection, API call and upload request is
+# authenticated in code by its JWT (chatcore.identity.auth), and CORS names
+# only our origins.
+resource "google_cloud_run_v2_service_iam_member" "public" {
+  for_each = var.public_access == "allUsers" ? {
+    request_upload = { location = var.region, name = google_cloudfunctions2_function.functions["request_upload"].name }
+    socket         = { location = google_cloud_run_v2_service.socket.location, name = google_cloud_run_v2_service.socket.name }
+  } : {}
 
   project  = var.project_id
-  location = var.region
-  name     = google_cloudfunctions2_function.functions["request_upload"].name
-  role     = "roles/run.invoker"
-  member   = "allUsers"
-}
-
-resource "google_cloud_run_v2_service_iam_member" "socket_public" {
-  # Public on purpose: the chat endpoint browsers connect to; every Socket.IO
-  # connection and API call is authenticated in code by its JWT.
-  count = var.public_access == "allUsers" ? 1 : 0
-
-  project  = var.project_id
-  location = google_cloud_run_v2_service.socket.location
-  name     = google_cloud_run_v2_service.socket.name
+  location = each.value.location
+  name     = each.value.name
   role     = "roles/run.invoker"
   member   = "allUsers"
 }
@@ -342,13 +312,15 @@ resource "terraform_data" "build_iam_settle" {
 # The runtime accounts' grants: before the socket service and the functions start.
 resource "terraform_data" "iam_settle" {
   triggers_replace = {
-    firestore_user                = [for g in google_project_iam_member.firestore_user : g.id]
+    # The project-level grants under the keys and in the order they had as separate
+    # resources: the same value, so a state made before they became one for_each does not sleep again.
+    firestore_user                = [for k, g in google_project_iam_member.runtime : g.id if endswith(k, "_firestore")]
+    socket_instance_subscriptions = google_project_iam_member.runtime["socket_instance_subscriptions"].id
+    ai_stream_vertex              = google_project_iam_member.runtime["ai_stream_vertex"].id
     publishers                    = [for g in google_pubsub_topic_iam_member.publishers : g.id]
-    socket_instance_subscriptions = google_project_iam_member.socket_instance_subscriptions.id
     socket_bus                    = [for g in google_pubsub_topic_iam_member.socket_bus : g.id]
     uploads                       = [for g in google_storage_bucket_iam_member.uploads : g.id]
     self_sign                     = [for g in google_service_account_iam_member.self_sign : g.id]
-    ai_stream_vertex              = google_project_iam_member.ai_stream_vertex.id
     jwt_reader                    = [for g in google_secret_manager_secret_iam_member.jwt_reader : g.id]
     model_key_reader              = [for g in google_secret_manager_secret_iam_member.model_key_reader : g.id]
     storage_agent_publisher       = google_pubsub_topic_iam_member.storage_agent_publisher.id

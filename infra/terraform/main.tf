@@ -2,7 +2,8 @@
 # ai_stream and upload functions (2nd gen), fed by Pub/Sub push subscriptions
 # of our own, Firestore and the uploads bucket. Resources are split by concern:
 # pubsub.tf, storage.tf, firestore.tf, secrets.tf, registry.tf, run.tf,
-# functions.tf, iam.tf, monitoring.tf.
+# functions.tf, environment.tf (the deployables' environment variables),
+# iam.tf, monitoring.tf; moved.tf keeps the former addresses of resources.
 
 # user_project_override + billing_project: every API call names this project as
 # its quota project. The Firebase Rules API (firestore.tf) refuses user
@@ -54,16 +55,6 @@ locals {
   jwt_uses_hmac = length([for a in var.jwt_algorithms : a if startswith(a, "HS")]) > 0
 
   labels = merge({ app = "chat", environment = var.environment }, var.labels)
-
-  # Settings shared by every deployable (each also lists them in its own env map).
-  auth_env_values = {
-    JWT_ALGORITHMS     = join(",", var.jwt_algorithms)
-    JWT_PUBLIC_KEY     = var.jwt_public_key
-    JWT_JWKS_URL       = var.jwt_jwks_url
-    JWT_ISSUER         = var.jwt_issuer
-    JWT_AUDIENCE       = var.jwt_audience
-    JWT_LEEWAY_SECONDS = var.jwt_leeway_seconds
-  }
 }
 
 data "google_project" "this" {

@@ -1,53 +1,5 @@
 # The socket service on Cloud Run, with WebSocket-friendly settings.
 
-locals {
-  # Environment of the socket service (socket_service/settings.py).
-  socket_service_env = {
-    CHAT_ENV             = "production"
-    GOOGLE_CLOUD_PROJECT = var.project_id
-    FIRESTORE_DATABASE   = google_firestore_database.main.name
-    LOG_LEVEL            = var.log_level
-    JWT_ALGORITHMS       = local.auth_env_values.JWT_ALGORITHMS
-    # Never in production (the service refuses to start with it anyway).
-    DEV_TOKENS = "0"
-    # Browsers send Origin on the WebSocket handshake too, so the page's own
-    # origin must be listed.
-    CORS_ALLOWED_ORIGINS    = join(",", local.cors_origins)
-    UPLOAD_URL              = google_cloudfunctions2_function.functions["request_upload"].url
-    UPLOAD_BUCKET           = google_storage_bucket.uploads.name
-    SIGNING_SERVICE_ACCOUNT = google_service_account.socket.email
-    AI_PROVIDER             = var.ai_provider
-    AI_MAX_REPLY_SECONDS    = var.ai_max_reply_seconds
-    # Publish through the regional endpoint: Pub/Sub orders an ordering key
-    # only among publishes made in one region.
-    PUBSUB_REGION = var.region
-  }
-  # Tunables: left out when null or empty, so the application default applies
-  # (only variables here, so which ones are set is known at plan time).
-  socket_service_optional_env = {
-    JWT_PUBLIC_KEY             = local.auth_env_values.JWT_PUBLIC_KEY
-    JWT_JWKS_URL               = local.auth_env_values.JWT_JWKS_URL
-    JWT_ISSUER                 = local.auth_env_values.JWT_ISSUER
-    JWT_AUDIENCE               = local.auth_env_values.JWT_AUDIENCE
-    JWT_LEEWAY_SECONDS         = local.auth_env_values.JWT_LEEWAY_SECONDS
-    MAX_MESSAGE_CHARS          = var.max_message_chars
-    MAX_UPLOAD_BYTES           = var.max_upload_bytes
-    ALLOWED_CONTENT_TYPES      = join(",", var.allowed_content_types)
-    AI_MAX_CONCURRENT_PER_USER = var.ai_max_concurrent_per_user
-    AI_MESSAGES_PER_WINDOW     = var.ai_messages_per_window
-    AI_WINDOW_SECONDS          = var.ai_window_seconds
-    # Empty: nobody may frame the chat (frame-ancestors 'none').
-    FRAME_ANCESTORS = join(",", var.frame_ancestors)
-  }
-  socket_service_environment = { for k, v in merge(local.socket_service_env, {
-    for name, value in local.socket_service_optional_env : name => value if value != null && value != ""
-  }) : k => tostring(v) }
-  # Secret Manager secret id of each secret variable.
-  socket_service_secret_env = {
-    JWT_SECRET = google_secret_manager_secret.jwt.secret_id
-  }
-}
-
 resource "google_cloud_run_v2_service" "socket" {
   project             = var.project_id
   name                = local.socket_service_name
@@ -95,6 +47,8 @@ resource "google_cloud_run_v2_service" "socket" {
         startup_cpu_boost = true
       }
 
+      # Its environment variables (environment.tf), then the secret ones, by
+      # Secret Manager secret id.
       dynamic "env" {
         for_each = local.socket_service_environment
         content {
@@ -104,7 +58,7 @@ resource "google_cloud_run_v2_service" "socket" {
       }
 
       dynamic "env" {
-        for_each = local.jwt_uses_hmac ? local.socket_service_secret_env : {}
+        for_each = local.jwt_uses_hmac ? local.token_secret_env : {}
         content {
           name = env.key
           value_source {
@@ -146,7 +100,7 @@ resource "google_cloud_run_v2_service" "socket" {
   depends_on = [
     google_project_service.apis,
     google_secret_manager_secret_iam_member.jwt_reader,
-    google_project_iam_member.socket_instance_subscriptions,
+    google_project_iam_member.runtime,
     google_pubsub_topic_iam_member.socket_bus,
     # ...and those grants have had time to take effect (iam.tf).
     terraform_data.iam_settle,

@@ -2,6 +2,18 @@
 # deployables' environment at all, so the application default (README.md,
 # settings tables) applies and is never written twice.
 
+# What several variables' validation rules share (Terraform >= 1.9: a rule may
+# name other values of the module; these stay in this file, which tests/infra
+# also plans on its own).
+locals {
+  # A browser origin, as CORS and frame-ancestors compare it: scheme, host and
+  # port, without a path, a trailing slash or a wildcard.
+  https_origin_pattern = "^https://[a-z0-9.-]+(:[0-9]+)?$"
+  # Tokens are checked with a public key (a JWKS URL or a PEM) rather than a
+  # shared secret alone: their iss and aud must then be checked too.
+  jwt_public_key_configured = var.jwt_jwks_url != "" || var.jwt_public_key != ""
+}
+
 # -- where -------------------------------------------------------------------
 variable "project_id" {
   type        = string
@@ -147,7 +159,7 @@ variable "cors_allowed_origins" {
   default     = []
 
   validation {
-    condition     = alltrue([for o in var.cors_allowed_origins : can(regex("^https://[a-z0-9.-]+(:[0-9]+)?$", o))])
+    condition     = alltrue([for o in var.cors_allowed_origins : can(regex(local.https_origin_pattern, o))])
     error_message = "Each origin must be https://host[:port], without a path, a trailing slash or a wildcard."
   }
 }
@@ -158,7 +170,7 @@ variable "frame_ancestors" {
   default     = []
 
   validation {
-    condition     = alltrue([for o in var.frame_ancestors : can(regex("^https://[a-z0-9.-]+(:[0-9]+)?$", o))])
+    condition     = alltrue([for o in var.frame_ancestors : can(regex(local.https_origin_pattern, o))])
     error_message = "Each origin must be https://host[:port], without a path, a trailing slash or a wildcard."
   }
 }
@@ -209,7 +221,7 @@ variable "jwt_issuer" {
   default     = ""
 
   validation {
-    condition     = var.jwt_issuer != "" || (var.jwt_jwks_url == "" && var.jwt_public_key == "")
+    condition     = var.jwt_issuer != "" || !local.jwt_public_key_configured
     error_message = "jwt_issuer is required with jwt_jwks_url or jwt_public_key: a public key set may sign other projects' tokens too (Google's securetoken JWKS signs every Firebase project's)."
   }
 }
@@ -220,7 +232,7 @@ variable "jwt_audience" {
   default     = ""
 
   validation {
-    condition     = var.jwt_audience != "" || (var.jwt_jwks_url == "" && var.jwt_public_key == "")
+    condition     = var.jwt_audience != "" || !local.jwt_public_key_configured
     error_message = "jwt_audience is required with jwt_jwks_url or jwt_public_key: a public key set may sign other projects' tokens too (Google's securetoken JWKS signs every Firebase project's)."
   }
 }

@@ -2,7 +2,8 @@
 # in .terraform.lock.hcl, which belongs in version control after the first
 # init (it cannot be generated here, without the registry).
 terraform {
-  # 1.9: validation rules that refer to other variables (variables.tf, jwt_issuer and jwt_audience).
+  # 1.9: validation rules that refer to other variables and to locals (variables.tf: firestore_location,
+  # jwt_issuer, jwt_audience, the origin lists).
   required_version = ">= 1.9.0, < 2.0.0"
 
   required_providers {

@@ -491,8 +491,14 @@
     if (u.reason === "removed" || u.reason === "deleted") { dropConversation(id, u.reason); return; }
     const known = state.conversations.get(id);
     if (!known && !u.conversation) { refreshConversation(id); return; }
-    const c = mergeConversation(Object.assign({}, u.conversation || {}, { id }));
-    if (u.last_message) c.last_message = u.last_message;
+    // Updates come from several publishers (each socket-service instance, the functions) in no
+    // order between them, and a message update carries the conversation as its publisher read it,
+    // maybe before a newer change of title, people or AI mode. For a conversation the page knows,
+    // such a snapshot only adds activity; the changes themselves come with their own reasons.
+    const activityOnly = !!known && u.reason === "message";
+    const c = activityOnly ? known : mergeConversation(Object.assign({}, u.conversation || {}, { id }));
+    if (activityOnly && u.conversation && u.conversation.updated_at > (c.updated_at || "")) c.updated_at = u.conversation.updated_at;
+    if (u.last_message && !(c.last_message && c.last_message.timestamp > u.last_message.timestamp)) c.last_message = u.last_message;
     if (typeof u.unread_count === "number") c.unread_count = u.unread_count;
     if (u.reason === "message" && u.last_message && !(state.me && u.last_message.user_id === state.me.id)) {
       if (id === state.currentId) { state.unseen = true; scheduleMarkRead(); }
@@ -502,11 +508,14 @@
     if (id === state.currentId) renderChatHead();
   }
 
-  // The conversation object with its unread_count, from the server.
+  // The conversation object with its unread_count, from the server. For a conversation the page
+  // knows, only the count is taken: the answer may have been read before an update that came meanwhile.
   async function refreshConversation(id) {
     try {
       const c = await http("GET", convPath(id));
-      mergeConversation(c);
+      const known = state.conversations.get(id);
+      if (known) known.unread_count = c.unread_count;
+      else mergeConversation(c);
       renderConversations();
       if (id === state.currentId) renderChatHead();
     } catch (e) { /* not ours (any more): the next list load settles it */ }

@@ -10,12 +10,13 @@ from __future__ import annotations
 import os
 import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from playwright.async_api import Page, async_playwright, expect
 
-from tests.conftest import ARTIFACTS
+from tests.conftest import ARTIFACTS, new_user
 
 SCREENSHOTS = ARTIFACTS / "screenshots"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -105,6 +106,13 @@ class Tab:
     def assistant(self):
         return self.page.locator('#message-list li[data-role="assistant"]')
 
+    async def start_stream(self, words: int, seen: int):
+        """Sends ``/stream words``; returns the reply once it shows word ``seen`` (it goes on streaming after)."""
+        await self.send(f"/stream {words}")
+        reply = self.assistant()
+        await expect(reply.locator(".content")).to_contain_text(f"word{seen} ")
+        return reply
+
     async def screenshot(self, name: str) -> Path:
         SCREENSHOTS.mkdir(parents=True, exist_ok=True)
         path = SCREENSHOTS / f"{name}.png"
@@ -135,6 +143,55 @@ async def tabs(browser):
     unexpected = [f"tab {i}: {e}" for i, tab in enumerate(made) for e in tab.unexpected_errors()]
     assert not unexpected, "script errors in the page (declare expected ones with tab.expect_console):\n" + \
         "\n".join(unexpected)
+
+
+@pytest.fixture
+def conversation_tab(service, api, tabs):
+    """Factory: ``await conversation_tab(token, title)`` creates a conversation of ``token``'s user and opens it in
+    a new tab of that user (a separate person); returns (the tab, the conversation's id).
+
+    ``expect_console`` is declared on the tab before it loads the page; ``url`` is another socket service's.
+    """
+    async def open_(token: str, title: str, *, expect_console: str | None = None,
+                    url: str | None = None) -> tuple[Tab, str]:
+        conv = await api.create_conversation(token, title)
+        tab = await tabs()
+        if expect_console is not None:
+            tab.expect_console(expect_console)
+        await tab.open(url or service, token)
+        await tab.open_conversation(conv["id"])
+        return tab, conv["id"]
+
+    return open_
+
+
+@dataclass
+class Shared:
+    """A conversation of two people, open in a tab of each."""
+
+    conversation_id: str
+    owner_token: str
+    owner: Tab
+    member: Tab
+
+
+@pytest.fixture
+def shared_conversation(service, api, tabs, make_token):
+    """Factory: ``await shared_conversation(title, owner_name, member_name)``: a conversation that its owner
+    created through the API and added the member to, open in a tab of each (separate people). Each person is a
+    new user whose id starts with their name in lower case."""
+    async def make(title: str, owner_name: str = "Owner", member_name: str = "Member") -> Shared:
+        owner, member = new_user(owner_name.lower()), new_user(member_name.lower())
+        owner_token = make_token(owner, name=owner_name)
+        conv = await api.create_conversation(owner_token, title)
+        await api.add_participant(owner_token, conv["id"], member)
+        shared = Shared(conv["id"], owner_token, await (await tabs()).open(service, owner_token),
+                        await (await tabs()).open(service, make_token(member, name=member_name)))
+        for tab in (shared.owner, shared.member):
+            await tab.open_conversation(conv["id"])
+        return shared
+
+    return make
 
 
 def stream_words(n: int) -> str:

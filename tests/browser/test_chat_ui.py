@@ -112,15 +112,9 @@ async def test_the_same_user_in_two_tabs_stays_in_sync(service, api, tabs, make_
 
 
 @pytest.mark.usefixtures("upload_functions")
-async def test_file_upload_shows_progress_and_appears_for_everyone(service, api, tabs, make_token):
-    owner, other = new_user(), new_user()
-    owner_token = make_token(owner, name="Owner")
-    conv = await api.create_conversation(owner_token, "files")
-    await api.add_participant(owner_token, conv["id"], other)
-    up = await (await tabs()).open(service, owner_token)
-    down = await (await tabs()).open(service, make_token(other, name="Other"))
-    for tab in (up, down):
-        await tab.open_conversation(conv["id"])
+async def test_file_upload_shows_progress_and_appears_for_everyone(shared_conversation):
+    shared = await shared_conversation("files", "Owner", "Other")
+    up, down = shared.owner, shared.member
 
     # Progress is recorded as the browser reports it, to check it went up to 100 %.
     await up.page.evaluate("""() => { window.__progress = [];
@@ -159,14 +153,9 @@ async def test_file_upload_shows_progress_and_appears_for_everyone(service, api,
     await down.screenshot("upload-other")
 
 
-async def test_stop_ends_the_reply_as_cancelled(service, api, tabs, make_token):
-    token = make_token()
-    conv = await api.create_conversation(token, "stop")
-    tab = await (await tabs()).open(service, token)
-    await tab.open_conversation(conv["id"])
-    await tab.send("/stream 5000")
-    reply = tab.assistant()
-    await expect(reply.locator(".content")).to_contain_text("word20 ")
+async def test_stop_ends_the_reply_as_cancelled(conversation_tab, make_token):
+    tab, _ = await conversation_tab(make_token(), "stop")
+    reply = await tab.start_stream(5000, seen=20)
     stop = tab.page.get_by_role("button", name="Stop", exact=True)
     await stop.click()
     await expect(reply).to_have_attribute("data-status", "cancelled")
@@ -178,13 +167,9 @@ async def test_stop_ends_the_reply_as_cancelled(service, api, tabs, make_token):
     await tab.screenshot("stopped")
 
 
-async def test_reload_in_the_middle_of_a_reply_resumes_without_gap_or_repeat(service, api, tabs, make_token):
-    token = make_token()
-    conv = await api.create_conversation(token, "reload")
-    tab = await (await tabs()).open(service, token)
-    await tab.open_conversation(conv["id"])
-    await tab.send("/stream 2000")
-    await expect(tab.assistant().locator(".content")).to_contain_text("word30 ")
+async def test_reload_in_the_middle_of_a_reply_resumes_without_gap_or_repeat(conversation_tab, make_token):
+    tab, _ = await conversation_tab(make_token(), "reload")
+    await tab.start_stream(2000, seen=30)
     await tab.page.reload()
     # The token and the open conversation survive the reload (this tab's sessionStorage); the
     # reply is still being written when the page comes back, and ends whole.
@@ -199,23 +184,19 @@ async def test_reload_in_the_middle_of_a_reply_resumes_without_gap_or_repeat(ser
     await tab.screenshot("reloaded")
 
 
-async def test_html_in_a_message_is_shown_as_text_and_runs_no_script(service, api, tabs, make_token):
+async def test_html_in_a_message_is_shown_as_text_and_runs_no_script(service, api, conversation_tab, make_token):
     async with api.session.get(service + "/") as r:
         assert r.status == 200
         csp = r.headers["Content-Security-Policy"]
         assert "script-src 'self'" in csp and "unsafe-inline" not in csp and "unsafe-eval" not in csp
         assert r.headers["X-Content-Type-Options"] == "nosniff"
 
-    token = make_token()
-    conv = await api.create_conversation(token, "xss")
-    tab = await tabs()
     # Chromium reports the payload's inline handler against the Content Security Policy when DOMPurify
     # parses the reply in its inert document (a bare DOMParser.parseFromString logs the same): the handler
     # is refused there and never runs, and the sanitizer drops it before anything reaches the page.
-    tab.expect_console(r"^console\.error: Executing inline event handler violates the following Content Security "
-                       r"Policy directive 'script-src 'self''")
-    await tab.open(service, token)
-    await tab.open_conversation(conv["id"])
+    tab, _ = await conversation_tab(make_token(), "xss", expect_console=(
+        r"^console\.error: Executing inline event handler violates the following Content Security "
+        r"Policy directive 'script-src 'self''"))
     payload = "<img src=x onerror=alert(1)>"
     await tab.send(payload)
     await expect(tab.user_messages().locator(".content")).to_have_text(payload)
@@ -291,14 +272,9 @@ async def test_a_refused_message_shows_its_error_next_to_it_and_can_be_retried(s
     await tab.screenshot("retried")
 
 
-async def test_a_reconnect_in_the_middle_of_a_reply_resumes_without_gap_or_repeat(service, api, tabs, make_token):
-    token = make_token()
-    conv = await api.create_conversation(token, "reconnect")
-    tab = await (await tabs()).open(service, token)
-    await tab.open_conversation(conv["id"])
-    await tab.send("/stream 2000")
-    reply = tab.assistant()
-    await expect(reply.locator(".content")).to_contain_text("word30 ")
+async def test_a_reconnect_in_the_middle_of_a_reply_resumes_without_gap_or_repeat(conversation_tab, make_token):
+    tab, _ = await conversation_tab(make_token(), "reconnect")
+    reply = await tab.start_stream(2000, seen=30)
     # The network drops: the connection indicator says so; the reply goes on on the server meanwhile.
     await tab.page.context.set_offline(True)
     await expect(tab.page.locator("#conn-state")).to_have_attribute("data-state", "reconnecting")

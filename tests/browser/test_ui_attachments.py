@@ -7,16 +7,12 @@ import pytest
 from playwright.async_api import expect
 
 from tests.browser.test_chat_ui import png
-from tests.conftest import new_user
 
 
 @pytest.mark.usefixtures("upload_functions")
-async def test_attach_preview_remove_caption_then_send(service, api, tabs, make_token):
-    user = new_user()
-    token = make_token(user, name="Sender")
-    conv = await api.create_conversation(token, "attachments")
-    tab = await (await tabs()).open(service, token)
-    await tab.open_conversation(conv["id"])
+async def test_attach_preview_remove_caption_then_send(api, conversation_tab, make_token):
+    token = make_token(name="Sender")
+    tab, cid = await conversation_tab(token, "attachments")
     page = tab.page
     allowed = await page.evaluate("fetch('/config.json').then((r) => r.json()).then((c) => c.allowed_content_types)")
     await expect(page.locator("#file-input")).to_have_attribute("accept", ",".join(allowed))
@@ -47,6 +43,6 @@ async def test_attach_preview_remove_caption_then_send(service, api, tabs, make_
     await expect(page.locator('#uploads li[data-filename="chart.png"]')).to_have_count(0)  # "checking…" is gone
     await expect(page.get_by_role("button", name="Send", exact=True)).to_be_visible()
     await expect(page.get_by_label("Message", exact=True)).to_have_value("")
-    status, history = await api.request("GET", f"/api/conversations/{conv['id']}/messages", token)
+    status, history = await api.request("GET", f"/api/conversations/{cid}/messages", token)
     files = [f["filename"] for m in history["items"] for f in m.get("files") or []]
     assert files == ["chart.png"]

@@ -4,8 +4,6 @@ regenerate, empty states, the character counter and errors next to the composer.
 
 from __future__ import annotations
 
-import asyncio
-
 from playwright.async_api import expect
 
 from tests.conftest import new_user
@@ -17,15 +15,11 @@ async def stored(api, token: str, conversation_id: str) -> list[dict]:
     return page["items"]
 
 
-async def test_messages_sent_offline_wait_in_the_outbox_and_go_out_once(service, api, tabs, make_token):
-    user = new_user()
-    token = make_token(user, name="Traveller")
-    conv = await api.create_conversation(token, "outbox")
-    tab = await tabs()
+async def test_messages_sent_offline_wait_in_the_outbox_and_go_out_once(api, conversation_tab, make_token):
+    token = make_token(name="Traveller")
     # Chromium logs a reconnection attempt that races the "offline" event: the browser's message, no script's.
-    tab.expect_console(r"^console\.error: WebSocket connection to .* net::ERR_INTERNET_DISCONNECTED")
-    await tab.open(service, token)
-    await tab.open_conversation(conv["id"])
+    tab, cid = await conversation_tab(token, "outbox", expect_console=(
+        r"^console\.error: WebSocket connection to .* net::ERR_INTERNET_DISCONNECTED"))
 
     await tab.page.context.set_offline(True)
     await expect(tab.page.locator("#conn-state")).to_contain_text("Offline")
@@ -34,8 +28,9 @@ async def test_messages_sent_offline_wait_in_the_outbox_and_go_out_once(service,
         message = tab.user_messages(text)
         await expect(message).to_have_attribute("data-status", "queued")
         await expect(message.locator(".state")).to_have_text("queued")
-    await asyncio.sleep(1)
+    # Queued, not failed: nothing was sent, so nothing waits for an answer.
     await expect(tab.page.get_by_text("no answer from the server")).to_have_count(0)
+    assert [m for m in await stored(api, token, cid) if m["role"] == "user"] == []
     await tab.screenshot("outbox-offline")
 
     await tab.page.context.set_offline(False)
@@ -45,22 +40,16 @@ async def test_messages_sent_offline_wait_in_the_outbox_and_go_out_once(service,
         await expect(tab.user_messages(text).locator(".state")).to_have_text("sent")
     await expect(tab.assistant().and_(tab.page.locator('[data-status="complete"]'))).to_have_count(2)
     # Exactly once each on the server, with the client_message_id the page gave it while offline.
-    items = [m for m in await stored(api, token, conv["id"]) if m["role"] == "user"]
+    items = [m for m in await stored(api, token, cid) if m["role"] == "user"]
     assert [m["content"] for m in items] == ["first while offline", "second while offline"]
     for m in items:
         assert await tab.user_messages(m["content"]).get_attribute("data-cmid") == m["client_message_id"]
     assert await tab.page.evaluate("sessionStorage.getItem('chat.outbox')") == "[]"
 
 
-async def test_the_owner_sets_the_ai_mode_and_everyone_sees_it(service, api, tabs, make_token):
-    owner, member = new_user("owner"), new_user("member")
-    owner_token, member_token = make_token(owner, name="Olga"), make_token(member, name="Max")
-    conv = await api.create_conversation(owner_token, "modes")
-    await api.add_participant(owner_token, conv["id"], member)
-    boss = await (await tabs()).open(service, owner_token)
-    other = await (await tabs()).open(service, member_token)
-    for tab in (boss, other):
-        await tab.open_conversation(conv["id"])
+async def test_the_owner_sets_the_ai_mode_and_everyone_sees_it(api, shared_conversation):
+    shared = await shared_conversation("modes", "Olga", "Max")
+    boss, other = shared.owner, shared.member
     await expect(other.page.get_by_label("Assistant")).to_be_disabled()  # only the owner changes it
 
     async def settled(text: str) -> None:
@@ -83,7 +72,10 @@ async def test_the_owner_sets_the_ai_mode_and_everyone_sees_it(service, api, tab
     await expect(other.page.get_by_label("Assistant")).to_have_value("off")
     await other.send("@ai are you there?")
     await settled("@ai are you there?")
-    await asyncio.sleep(2)
+    # A reply is decided in the send's transaction, which stores its placeholder with the message:
+    # once the message is acknowledged, a reply to it would already be stored.
+    roles = [m["role"] for m in await stored(api, shared.owner_token, shared.conversation_id)]
+    assert roles == ["user", "user", "assistant", "user"], roles
     await expect(other.assistant()).to_have_count(1)
 
     # always: every message.
@@ -92,15 +84,12 @@ async def test_the_owner_sets_the_ai_mode_and_everyone_sees_it(service, api, tab
     await other.send("back to normal")
     await expect(other.assistant()).to_have_count(2)
     await expect(other.assistant().nth(1)).to_have_attribute("data-status", "complete")
-    roles = [(m["role"], m["content"][:20]) for m in await stored(api, owner_token, conv["id"])]
+    roles = [(m["role"], m["content"][:20]) for m in await stored(api, shared.owner_token, shared.conversation_id)]
     assert [r for r, _ in roles] == ["user", "user", "assistant", "user", "user", "assistant"], roles
 
 
-async def test_a_message_shows_when_it_was_sent_and_its_status(service, api, tabs, make_token):
-    token = make_token(name="Timekeeper")
-    conv = await api.create_conversation(token, "facts")
-    tab = await (await tabs()).open(service, token)
-    await tab.open_conversation(conv["id"])
+async def test_a_message_shows_when_it_was_sent_and_its_status(conversation_tab, make_token):
+    tab, _ = await conversation_tab(make_token(name="Timekeeper"), "facts")
     await tab.send("what time is it?")
     message = tab.user_messages("what time is it?")
     await expect(message.locator(".state")).to_have_text("sent")
@@ -112,19 +101,11 @@ async def test_a_message_shows_when_it_was_sent_and_its_status(service, api, tab
     await expect(tab.assistant().locator("time.when")).to_have_text("just now")
 
 
-async def test_stop_says_who_stopped_and_a_reply_can_be_regenerated(service, api, tabs, make_token):
-    ada, bob = new_user("ada"), new_user("bob")
-    ada_token = make_token(ada, name="Ada")
-    conv = await api.create_conversation(ada_token, "stop and again")
-    await api.add_participant(ada_token, conv["id"], bob)
-    mine = await (await tabs()).open(service, ada_token)
-    theirs = await (await tabs()).open(service, make_token(bob, name="Bob"))
-    for tab in (mine, theirs):
-        await tab.open_conversation(conv["id"])
+async def test_stop_says_who_stopped_and_a_reply_can_be_regenerated(api, shared_conversation):
+    shared = await shared_conversation("stop and again", "Ada", "Bob")
+    mine, theirs = shared.owner, shared.member
 
-    await mine.send("/stream 5000")
-    reply = mine.assistant()
-    await expect(reply.locator(".content")).to_contain_text("word20 ")
+    reply = await mine.start_stream(5000, seen=20)
     await mine.page.keyboard.press("Escape")  # the focus is in the composer
     await expect(reply).to_have_attribute("data-status", "cancelled")
     await expect(reply.locator(".stopped-note")).to_have_text("Stopped by you.")
@@ -146,7 +127,7 @@ async def test_stop_says_who_stopped_and_a_reply_can_be_regenerated(service, api
         third = tab.assistant().nth(2)
         await expect(third).to_have_attribute("data-status", "complete")
         await expect(third.locator(".content")).to_contain_text("please answer twice")
-    items = await stored(api, ada_token, conv["id"])
+    items = await stored(api, shared.owner_token, shared.conversation_id)
     source = next(m for m in items if m["content"] == "please answer twice")
     assert [m.get("reply_to") for m in items if m["role"] == "assistant"][-2:] == [source["message_id"]] * 2
     await expect(mine.user_messages()).to_have_count(2)

@@ -4,29 +4,20 @@ the keyboard and screen-reader paths (skip link, focus, one announcement per str
 
 from __future__ import annotations
 
-import uuid
-
 from playwright.async_api import expect
 
 from tests.browser.conftest import stream_words
-from tests.browser.test_ui_security import RequestLog, sending_still_works
-from tests.conftest import new_user
+from tests.browser.test_ui_security import hostile_reply_for_victim, sending_still_works
 
 CODE = "def greet(name):\n    return f\"hello {name}\""
 # The offline stand-in quotes the message, so its reply carries the same code block and table.
 RICH = f"Here:\n```python\n{CODE}\n```\n\n| lang | year |\n|---|---|\n| Python | 1991 |\n| C | 1972 |\n\nDone."
 
 
-async def test_code_blocks_and_tables_in_a_reply_and_a_message(service, api, tabs, make_token):
-    ada, bob = new_user("ada"), new_user("bob")
-    ada_token = make_token(ada, name="Ada")
-    conv = await api.create_conversation(ada_token, "Code review")
-    await api.add_participant(ada_token, conv["id"], bob)
-    tab = await (await tabs()).open(service, ada_token)
+async def test_code_blocks_and_tables_in_a_reply_and_a_message(shared_conversation):
+    shared = await shared_conversation("Code review", "Ada", "Bob")
+    tab, other = shared.owner, shared.member
     await tab.page.context.grant_permissions(["clipboard-read", "clipboard-write"])
-    other = await (await tabs()).open(service, make_token(bob, name="Bob"))
-    await other.open_conversation(conv["id"])
-    await tab.open_conversation(conv["id"])
     await tab.send(RICH)
     reply = tab.assistant()
     await expect(reply).to_have_attribute("data-status", "complete")
@@ -57,26 +48,14 @@ HOSTILE = ('<textarea id="composer">x</textarea><form id="composer-form"><input 
 
 
 async def test_hostile_markdown_from_a_person_is_shown_safely(service, api, tabs, make_token, clients):
-    victim, mallory = new_user("victim"), new_user("mallory")
-    mallory_token, victim_token = make_token(mallory, name="Mallory"), make_token(victim, name="Victim")
-    conv = await api.create_conversation(mallory_token, "shared")
-    await api.add_participant(mallory_token, conv["id"], victim)
-    tab = await tabs()
-    log = await RequestLog.watch(tab.page)
-    await tab.open(service, victim_token)
-    await tab.open_conversation(conv["id"])
-    attacker = await clients(service, mallory_token)
-    ack = await attacker.call("send_message", {"conversation_id": conv["id"], "message": HOSTILE,
-                                               "client_message_id": uuid.uuid4().hex})
-    assert ack["ok"], ack
+    tab, log, token, victim, cid = await hostile_reply_for_victim(service, api, tabs, make_token, clients, HOSTILE)
     message = tab.user_messages().first.locator(".content")
     await expect(message).to_contain_text('<textarea id="composer">x</textarea>')  # as typed
     await expect(message.get_by_role("link", name="Image: leak")).to_have_attribute(
         "href", "https://storage.googleapis.com/mallory/p.png?secret")
     assert await message.locator("[id], [name], textarea, input, button, form, select, img").count() == 0
     assert await message.locator('a[href^="javascript"]').count() == 0
-    await expect(tab.assistant()).to_have_attribute("data-status", "complete")
-    await sending_still_works(tab, api, victim_token, victim, conv["id"], "still mine")
+    await sending_still_works(tab, api, token, victim, cid, "still mine")
     assert log.foreign() == []
     assert tab.dialogs == []
 

@@ -106,6 +106,16 @@ async def sending_still_works(tab: Tab, api, token: str, user_id: str, conversat
     assert stored[-len(texts):] == list(texts), stored
 
 
+async def sending_works_before_and_after_a_reload(tab: Tab, api, token: str, user_id: str,
+                                                  conversation_id: str) -> None:
+    """The victim sends two messages; then, the page reloaded (replies are stored: the reload renders the hostile
+    one again, from the history), one more. Each time the server holds exactly what they typed."""
+    await sending_still_works(tab, api, token, user_id, conversation_id, "hello", "second message")
+    await tab.page.reload()
+    await expect(tab.assistant().first).to_have_attribute("data-status", "complete")
+    await sending_still_works(tab, api, token, user_id, conversation_id, "after the reload")
+
+
 # ---------------------------------------------------- finding 1: DOM clobbering
 HIDDEN = "transfer-all-funds-to-mallory"
 CLOBBER = (f'<textarea id="composer" hidden>{HIDDEN}</textarea>'
@@ -114,11 +124,7 @@ CLOBBER = (f'<textarea id="composer" hidden>{HIDDEN}</textarea>'
 
 async def test_a_reply_cannot_take_the_place_of_the_composer(service, api, tabs, make_token, clients):
     tab, log, token, victim, cid = await hostile_reply_for_victim(service, api, tabs, make_token, clients, CLOBBER)
-    await sending_still_works(tab, api, token, victim, cid, "hello", "second message")
-    # Replies are stored: every reload renders this one again, from the history.
-    await tab.page.reload()
-    await expect(tab.assistant().first).to_have_attribute("data-status", "complete")
-    await sending_still_works(tab, api, token, victim, cid, "after the reload")
+    await sending_works_before_and_after_a_reload(tab, api, token, victim, cid)
     assert await history_of(api, token, cid, victim) == ["hello", "second message", "after the reload"]
     # No id, name or form control from the reply reaches the page.
     content = tab.assistant().first.locator(".content")  # the hostile reply
@@ -138,10 +144,7 @@ IMAGES = f'![quarterly chart]({LEAK_MD}) <img src="{LEAK_HTML}" alt="logo">'
 
 async def test_images_in_a_reply_are_links_and_nothing_is_fetched(service, api, tabs, make_token, clients):
     tab, log, token, victim, cid = await hostile_reply_for_victim(service, api, tabs, make_token, clients, IMAGES)
-    await sending_still_works(tab, api, token, victim, cid, "hello", "second message")
-    await tab.page.reload()
-    await expect(tab.assistant().first).to_have_attribute("data-status", "complete")
-    await sending_still_works(tab, api, token, victim, cid, "after the reload")
+    await sending_works_before_and_after_a_reload(tab, api, token, victim, cid)
     # By now the page has shown the reply twice, live and from the history, and sent three messages.
     assert log.foreign() == [], "the page fetched from a foreign host"
     content = tab.assistant().first.locator(".content")  # the hostile reply

@@ -15,7 +15,6 @@ from playwright.async_api import expect
 
 from devstack.processes import Managed, free_port, http_ok
 from devstack.stack import fake_gcs_binary
-from tests.conftest import new_user
 
 STALL_SECONDS = 3
 
@@ -51,16 +50,11 @@ async def _upload(tab, name: str) -> None:
     await tab.page.get_by_role("button", name="Send 1 file").click()  # attached first, sent on Send
 
 
-async def test_storage_frozen_then_killed_during_uploads(doomed_storage, api, tabs, make_token, firestore_db):
+async def test_storage_frozen_then_killed_during_uploads(doomed_storage, conversation_tab, make_token, firestore_db):
     url, gcs = doomed_storage
-    user = new_user()
-    token = make_token(user, name="Uploader")
-    conv = await api.create_conversation(token, "uploads")
-    tab = await tabs()
     # The upload to the killed storage fails in the browser: an expected console error.
-    tab.expect_console(r"^console\.error: Failed to load resource: net::ERR_CONNECTION_REFUSED")
-    await tab.open(url, token)
-    await tab.open_conversation(conv["id"])
+    tab, cid = await conversation_tab(make_token(name="Uploader"), "uploads", url=url, expect_console=(
+        r"^console\.error: Failed to load resource: net::ERR_CONNECTION_REFUSED"))
 
     gcs.signal_group(signal.SIGSTOP)
     try:
@@ -83,7 +77,7 @@ async def test_storage_frozen_then_killed_during_uploads(doomed_storage, api, ta
     await tab.send("still here")
     await expect(tab.user_messages("still here")).to_have_count(1)
     await expect(tab.assistant()).to_have_attribute("data-status", "complete")  # stored, answered
-    messages = [d.to_dict() for d in firestore_db.collection("conversations").document(conv["id"])
+    messages = [d.to_dict() for d in firestore_db.collection("conversations").document(cid)
                 .collection("messages").stream()]
     assert [m for m in messages if m.get("files")] == []
     assert {m["content"] for m in messages if m["role"] == "user"} == {"still here"}

@@ -30,8 +30,8 @@ import pytest
 
 from chatcore.identity.auth import issue_token
 from devstack.processes import Managed, free_port, port_accepts
-from devstack.stack import Ports, Stack
-from tests.conftest import ARTIFACTS, Api, ChatClient, new_user
+from devstack.stack import Stack
+from tests.conftest import Api, ChatClient, new_stack, new_user
 from tests.integration.test_bus_faults import (
     QUOTAS,
     chunks_of,
@@ -59,10 +59,7 @@ class FaultStack:
 
 @pytest.fixture(scope="module")
 def fault_stack():
-    stack = Stack(ports=Ports(firestore=free_port(), pubsub=free_port(), gcs=free_port(), chat=free_port(),
-                              ai=free_port()),
-                  log_dir=ARTIFACTS / "logs" / f"process-faults-{uuid.uuid4().hex[:8]}",
-                  project_id="chat-process-faults")
+    stack = new_stack("chat-process-faults", "process-faults")
     try:
         stack.start_emulators()
         ai = stack.start_ai_function(stack.ports.ai, name="ai-faults", OFFLINE_TOKEN_DELAY_MS=str(TOKEN_DELAY_MS))

@@ -12,6 +12,7 @@ import asyncio
 import json
 import threading
 import uuid
+from types import SimpleNamespace
 
 import pytest
 from cloudevents.http import CloudEvent
@@ -36,18 +37,22 @@ def finalize_rt(stack, storage_client):
     rt.runner.close()
 
 
-async def _uploaded(rt, storage_client, http, token: str, conversation_id: str):
-    """An upload requested and PUT to ``rt``'s bucket; returns (grant, the finalize event)."""
+@pytest.fixture
+async def uploaded(api, service, make_token, clients, storage_client, finalize_rt) -> SimpleNamespace:
+    """A member's upload, requested and PUT to ``finalize_rt``'s bucket, not finalized yet: its ``grant``, the
+    finalize ``event`` a delivery carries, and the member's ``client`` (in the conversation's room)."""
+    rt = finalize_rt
+    conv, (token,), (client,) = await room_of(api, service, make_token, clients, members=1)
     data = b"# notes\n\nsome text\n"
     grant = await asyncio.to_thread(rt.requester.request, f"Bearer {token}", json.dumps({
-        "conversation_id": conversation_id, "filename": "notes.md", "content_type": "text/markdown",
+        "conversation_id": conv["id"], "filename": "notes.md", "content_type": "text/markdown",
         "size": len(data)}).encode())
-    assert await put(http, grant, data) == 200
+    assert await put(api.session, grant, data) == 200
     blob = storage_client.bucket(rt.settings.bucket).get_blob(grant["object_name"])
     event = CloudEvent({"type": "google.cloud.storage.object.v1.finalized", "subject": f"objects/{blob.name}",
                         "source": f"//storage.googleapis.com/projects/_/buckets/{rt.settings.bucket}"},
                        blob._properties)
-    return grant, event
+    return SimpleNamespace(grant=grant, event=event, client=client)
 
 
 async def _finalize(event, rt):
@@ -59,11 +64,8 @@ async def _finalize(event, rt):
         return exc
 
 
-async def test_a_failed_emit_releases_the_claim_so_the_redelivery_emits(api, service, make_token, clients,
-                                                                       storage_client, finalize_rt):
-    rt = finalize_rt
-    conv, (token,), (client,) = await room_of(api, service, make_token, clients, members=1)
-    grant, event = await _uploaded(rt, storage_client, api.session, token, conv["id"])
+async def test_a_failed_emit_releases_the_claim_so_the_redelivery_emits(finalize_rt, uploaded):
+    rt, grant, event, client = finalize_rt, uploaded.grant, uploaded.event, uploaded.client
     bus = rt.finalizer.bus
     real_emit = bus.emit
 
@@ -81,13 +83,10 @@ async def test_a_failed_emit_releases_the_claim_so_the_redelivery_emits(api, ser
     assert await _finalize(event, rt) == "duplicate: already accepted"
 
 
-async def test_a_delivery_that_finds_the_emit_claimed_raises_emit_in_progress(api, service, make_token, clients,
-                                                                             storage_client, finalize_rt):
+async def test_a_delivery_that_finds_the_emit_claimed_raises_emit_in_progress(finalize_rt, uploaded):
     from uploads.finalize import EmitInProgress
 
-    rt = finalize_rt
-    conv, (token,), (client,) = await room_of(api, service, make_token, clients, members=1)
-    grant, event = await _uploaded(rt, storage_client, api.session, token, conv["id"])
+    rt, grant, event, client = finalize_rt, uploaded.grant, uploaded.event, uploaded.client
     bus = rt.finalizer.bus
     real_emit = bus.emit
     reached, release = threading.Event(), threading.Event()

@@ -22,6 +22,10 @@ two ways:
   (``{"mode": ..., "text": ..., "delay": ...}``) and ``POST /_fake/reset``
   forgets the recorded requests.
 
+helpers.py holds what tests of the fakes' clients share (a ``server``
+fixture, a fake run as a process); local_http.py holds small local HTTP
+endpoints whose answers a test writes itself.
+
 The submodules are not imported here, so that ``python -m`` runs each of
 them exactly once.
 """

@@ -1,8 +1,9 @@
 """What every wire-format fake shares: behaviours, fault modes, recording, lifecycle and the command line.
 
 A subclass describes its API's bytes (``prelude_frames``, ``piece_frame``,
-``closing_frames``, ``error_frame``, ``error_response``) and routes requests
-to ``stream``; this module decides *when* each frame is sent, so every fake
+``closing_frames``, ``error_frame``, ``error_response``, ``complete_response``)
+and its finish reasons, and routes requests to ``stream`` (or ``complete``);
+this module decides *when* each frame is sent, so every fake
 fails in the same ways:
 
 ==================== ==========================================================
@@ -109,6 +110,8 @@ class FakeServer:
 
     api_name = "fake"
     base_path = ""  # what a client appends to the root URL to get its base URL
+    stop_reason: str  # the API's finish reason for a whole answer
+    cut_reason: str   # ... and for an answer cut at the request's max tokens
 
     def __init__(self, *, host: str = "127.0.0.1", port: int = 0, **behaviour: Any):
         self.host = host
@@ -175,13 +178,22 @@ class FakeServer:
     def add_routes(self, app: web.Application) -> None:
         raise NotImplementedError
 
-    def check_key(self, request: web.Request, record: RecordedRequest) -> web.Response | None:
-        """The API's refusal if ``behaviour.api_key`` is set and the request lacks it."""
+    def check_key(self, record: RecordedRequest, expected: str) -> web.Response | None:
+        """The API's refusal if the request lacks the key ``expected`` (asked only when ``behaviour.api_key`` is set)."""
+        return None
+
+    def max_tokens(self, record: RecordedRequest) -> Any:
+        """The request's output limit (one piece counts as one token), as the client sent it."""
         return None
 
     def plan(self, record: RecordedRequest, behaviour: Behaviour) -> tuple[list[str], str]:
-        """The pieces to send and the finish reason of a complete answer."""
-        raise NotImplementedError
+        """The pieces to send and the finish reason of a complete answer: ``stop_reason``, or ``cut_reason`` when
+        the request's ``max_tokens`` cut the answer."""
+        pieces = behaviour.split()
+        limit = self.max_tokens(record)
+        if isinstance(limit, int) and 0 < limit < len(pieces):
+            return pieces[:limit], self.cut_reason
+        return pieces, self.stop_reason
 
     def finish_override(self, record: RecordedRequest, behaviour: Behaviour) -> str | None:
         """The finish reason that replaces the normal one, if any."""
@@ -206,6 +218,10 @@ class FakeServer:
     def error_response(self, status: int, record: RecordedRequest) -> web.Response:
         raise NotImplementedError
 
+    def complete_response(self, record: RecordedRequest, pieces: list[str], finish_reason: str) -> web.Response:
+        """The API's non-streaming answer: ``pieces`` joined in one body."""
+        raise NotImplementedError
+
     # -- the shared answer ---------------------------------------------------
     async def record(self, request: web.Request) -> RecordedRequest:
         raw = await request.read()
@@ -220,14 +236,35 @@ class FakeServer:
             self._arrivals.notify_all()
         return record
 
+    def key_refusal(self, record: RecordedRequest) -> web.Response | None:
+        """``check_key``'s refusal, recorded as the request's outcome."""
+        if not self.behaviour.api_key:
+            return None
+        refusal = self.check_key(record, self.behaviour.api_key)
+        if refusal is not None:
+            record.outcome = f"http_{refusal.status}"
+        return refusal
+
+    async def complete(self, request: web.Request, record: RecordedRequest) -> web.Response:
+        """The whole answer at once (the API's non-streaming method); faults do not apply."""
+        try:
+            refusal = self.key_refusal(record)
+            if refusal is not None:
+                return refusal
+            pieces, finish_reason = self.plan(record, self.behaviour)
+            record.pieces_sent = len(pieces)
+            record.outcome = "completed"
+            return self.complete_response(record, pieces, self.finish_override(record, self.behaviour) or finish_reason)
+        finally:
+            record.finished.set()
+
     async def stream(self, request: web.Request, record: RecordedRequest) -> web.StreamResponse:
         behaviour = self.behaviour
         mode = behaviour.mode
         response: web.StreamResponse | None = None
         try:
-            refusal = self.check_key(request, record)
+            refusal = self.key_refusal(record)
             if refusal is not None:
-                record.outcome = f"http_{refusal.status}"
                 return refusal
             if mode in ("http_500", "rate_limited"):
                 status = 500 if mode == "http_500" else 429

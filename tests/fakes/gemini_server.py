@@ -56,6 +56,7 @@ NORMAL_FINISH = ("STOP", "MAX_TOKENS")
 class GeminiFakeServer(FakeServer):
     api_name = "gemini"
     base_path = ""
+    stop_reason, cut_reason = NORMAL_FINISH
 
     def add_routes(self, app: web.Application) -> None:
         app.router.add_post("/{tail:.*}", self.generate)
@@ -78,14 +79,11 @@ class GeminiFakeServer(FakeServer):
         record.state.update(match.groupdict())
         record.state["flavour"] = "vertex" if match["publisher"] else "gemini"
         if match["method"] == "generateContent":
-            return await self._complete(request, record)
+            return await self.complete(request, record)
         return await self.stream(request, record)
 
     # -- the wire format ---------------------------------------------------------
-    def check_key(self, request: web.Request, record: RecordedRequest) -> web.Response | None:
-        expected = self.behaviour.api_key
-        if not expected:
-            return None
+    def check_key(self, record: RecordedRequest, expected: str) -> web.Response | None:
         given = record.header("x-goog-api-key") or record.query.get("key")
         bearer = (record.header("Authorization") or "").removeprefix("Bearer ")
         if expected in (given, bearer):
@@ -103,12 +101,8 @@ class GeminiFakeServer(FakeServer):
                                      "domain": "googleapis.com",
                                      "metadata": {"service": "generativelanguage.googleapis.com"}}])
 
-    def plan(self, record: RecordedRequest, behaviour: Behaviour) -> tuple[list[str], str]:
-        pieces = behaviour.split()
-        limit = ((record.body or {}).get("generationConfig") or {}).get("maxOutputTokens")
-        if isinstance(limit, int) and 0 < limit < len(pieces):
-            return pieces[:limit], "MAX_TOKENS"
-        return pieces, "STOP"
+    def max_tokens(self, record: RecordedRequest) -> Any:
+        return ((record.body or {}).get("generationConfig") or {}).get("maxOutputTokens")
 
     def finish_override(self, record: RecordedRequest, behaviour: Behaviour) -> str | None:
         if (record.body or {}).get("continuationToken"):
@@ -190,21 +184,9 @@ class GeminiFakeServer(FakeServer):
         return web.Response(status=code, text=json.dumps({"error": error}, indent=2) + "\n",
                             content_type="application/json", charset="UTF-8")
 
-    async def _complete(self, request: web.Request, record: RecordedRequest) -> web.StreamResponse:
-        try:
-            refusal = self.check_key(request, record)
-            if refusal is not None:
-                record.outcome = f"http_{refusal.status}"
-                return refusal
-            pieces, finish_reason = self.plan(record, self.behaviour)
-            record.pieces_sent = len(pieces)
-            record.outcome = "completed"
-            finish_reason = self.finish_override(record, self.behaviour) or finish_reason
-            body = self._response(record, "".join(pieces), finish_reason, len(pieces))
-            return web.Response(text=json.dumps(body, indent=2) + "\n", content_type="application/json",
-                                charset="UTF-8")
-        finally:
-            record.finished.set()
+    def complete_response(self, record: RecordedRequest, pieces: list[str], finish_reason: str) -> web.Response:
+        body = self._response(record, "".join(pieces), finish_reason, len(pieces))
+        return web.Response(text=json.dumps(body, indent=2) + "\n", content_type="application/json", charset="UTF-8")
 
 
 if __name__ == "__main__":

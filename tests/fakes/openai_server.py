@@ -25,7 +25,7 @@ from typing import Any
 
 from aiohttp import web
 
-from .base import Behaviour, FakeServer, RecordedRequest, main, sse_json
+from .base import FakeServer, RecordedRequest, main, sse_json
 
 COMPACT = (",", ":")
 SYSTEM_FINGERPRINT = "fp_fake0local"
@@ -39,6 +39,7 @@ ERRORS = {
 class OpenAIFakeServer(FakeServer):
     api_name = "openai"
     base_path = "/v1"
+    stop_reason, cut_reason = "stop", "length"
 
     def add_routes(self, app: web.Application) -> None:
         app.router.add_post("/v1/chat/completions", self.chat_completions)
@@ -53,14 +54,11 @@ class OpenAIFakeServer(FakeServer):
             return self._error(400, "you must provide a model parameter and a messages array",
                                "invalid_request_error", None)
         if not body.get("stream"):
-            return await self._complete(request, record)
+            return await self.complete(request, record)
         return await self.stream(request, record)
 
     # -- the wire format ---------------------------------------------------------
-    def check_key(self, request: web.Request, record: RecordedRequest) -> web.Response | None:
-        expected = self.behaviour.api_key
-        if not expected:
-            return None
+    def check_key(self, record: RecordedRequest, expected: str) -> web.Response | None:
         given = record.header("Authorization") or ""
         if given == f"Bearer {expected}":
             return None
@@ -73,13 +71,9 @@ class OpenAIFakeServer(FakeServer):
                        "https://platform.openai.com/account/api-keys.")
         return self._error(401, message, "invalid_request_error", "invalid_api_key")
 
-    def plan(self, record: RecordedRequest, behaviour: Behaviour) -> tuple[list[str], str]:
-        pieces = behaviour.split()
+    def max_tokens(self, record: RecordedRequest) -> Any:
         body = record.body or {}
-        limit = body.get("max_completion_tokens") or body.get("max_tokens")
-        if isinstance(limit, int) and 0 < limit < len(pieces):
-            return pieces[:limit], "length"
-        return pieces, "stop"
+        return body.get("max_completion_tokens") or body.get("max_tokens")
 
     def stream_headers(self, record: RecordedRequest) -> dict[str, str]:
         return {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache",
@@ -143,25 +137,13 @@ class OpenAIFakeServer(FakeServer):
         return web.Response(status=status, text=body + "\n", content_type="application/json",
                             headers={"x-request-id": f"req_{uuid.uuid4().hex}"})
 
-    async def _complete(self, request: web.Request, record: RecordedRequest) -> web.StreamResponse:
-        try:
-            refusal = self.check_key(request, record)
-            if refusal is not None:
-                record.outcome = f"http_{refusal.status}"
-                return refusal
-            pieces, finish_reason = self.plan(record, self.behaviour)
-            record.pieces_sent = len(pieces)
-            record.outcome = "completed"
-            envelope = {**self._envelope(record), "object": "chat.completion"}
-            return web.json_response({
-                **envelope,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(pieces), "refusal": None},
-                             "logprobs": None,
-                             "finish_reason": self.finish_override(record, self.behaviour) or finish_reason}],
-                "usage": {"prompt_tokens": 0, "completion_tokens": len(pieces), "total_tokens": len(pieces)},
-            })
-        finally:
-            record.finished.set()
+    def complete_response(self, record: RecordedRequest, pieces: list[str], finish_reason: str) -> web.Response:
+        return web.json_response({
+            **self._envelope(record), "object": "chat.completion",
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(pieces), "refusal": None},
+                         "logprobs": None, "finish_reason": finish_reason}],
+            "usage": {"prompt_tokens": 0, "completion_tokens": len(pieces), "total_tokens": len(pieces)},
+        })
 
 
 if __name__ == "__main__":

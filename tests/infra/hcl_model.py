@@ -80,21 +80,48 @@ class Module:
         """The instances of a resource whose for_each is a map literal (inline, or a local), by key, each
         body with ``each.key`` and ``each.value.<attribute>`` replaced by that entry's values (see
         :func:`expand`); a resource without for_each is its one instance, under the key ``""``, and one
-        whose for_each is any other expression (a set, a for expression) stays as written, under ``"*"``."""
+        whose for_each is any other expression (a set, a for expression) stays as written, under ``"*"``.
+
+        Two more forms are read: ``cond ? {map literal} : {}`` gives the instances that exist when
+        ``cond`` holds, and an entry ``merge(local.x, {object literal})`` is that local's map with the
+        literal's attributes added (see :meth:`value`)."""
         body = self.resource(rtype, name)
         if "for_each" not in body:
             return {"": body}
-        entries = body["for_each"]
-        match = re.fullmatch(r"\$\{local\.(\w+)\}", str(entries))
-        if match:
-            entries = self.locals[match.group(1)]
+        entries = self.value(body["for_each"])
+        conditional = re.fullmatch(r"\$\{.+? \? (\{.*\}) : \{\}\}", str(entries), re.S)
+        if conditional and not conditional.group(1).startswith("{for "):
+            entries = object_literal(conditional.group(1))
         if not isinstance(entries, dict):
             return {"*": body}
-        return {key: expand({k: v for k, v in body.items() if k != "for_each"}, key, value)
+        return {key: expand({k: v for k, v in body.items() if k != "for_each"}, key, self.value(value))
                 for key, value in entries.items() if not key.startswith("__")}
+
+    def value(self, value: Any) -> Any:
+        """``${local.x}`` as that local's value, ``${merge(local.x, {...})}`` as the local's map with the
+        object literal's attributes added (later ones win, as in Terraform); anything else as it is."""
+        if not isinstance(value, str):
+            return value
+        match = re.fullmatch(r"\$\{local\.(\w+)\}", value)
+        if match:
+            return self.locals[match.group(1)]
+        match = re.fullmatch(r"\$\{merge\(local\.(\w+), (\{.*\})\)\}", value, re.S)
+        if match and isinstance(self.locals[match.group(1)], dict) and not match.group(2).startswith("{for "):
+            return {**self.locals[match.group(1)], **object_literal(match.group(2))}
+        return value
 
     def instance(self, rtype: str, name: str, key: str) -> dict[str, Any]:
         return self.instances(rtype, name)[key]
+
+    def all_instances(self, rtype: str) -> dict[str, dict[str, Any]]:
+        """Every instance of every resource of a type (see :meth:`instances`), by address:
+        ``name`` for a resource without for_each, ``name["key"]`` (or ``name[*]``) otherwise."""
+        found = {}
+        for name in self.resources_of(rtype):
+            for key, body in self.instances(rtype, name).items():
+                address = name if key == "" else f"{name}[*]" if key == "*" else f'{name}["{key}"]'
+                found[address] = body
+        return found
 
 
 def _label(value: str) -> str:
@@ -137,6 +164,15 @@ def load(directory: Path = TERRAFORM_DIR) -> Module:
     return module
 
 
+def object_literal(text: str) -> dict[str, Any]:
+    """An HCL object literal as python-hcl2 writes it back inside an expression (``{a = "x", b = var.y}``),
+    parsed as the same bodies :func:`load` gives (``{"a": "x", "b": "${var.y}"}``)."""
+    parsed = hcl2.loads(f"value = {text}\n", serialization_options=_OPTIONS)["value"]
+    if not isinstance(parsed, dict):
+        raise ValueError(f"not an object literal: {text}")
+    return parsed
+
+
 def _unwrap(expression: str) -> str:
     return expression[2:-1] if expression.startswith("${") and expression.endswith("}") else expression
 
@@ -154,6 +190,14 @@ def _as_expression(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     return str(value)
+
+
+def _attribute(entry: Any, name: str) -> Any:
+    """``each.value.<name>``: the entry's attribute, or for an entry that is a reference (a map of
+    resources, ``{socket = google_service_account.socket}``) the reference to that attribute."""
+    if isinstance(entry, str) and re.fullmatch(r"\$\{[\w.\[\]\"]+\}", entry):
+        return f"{entry[:-1]}.{name}}}"
+    return entry[name]
 
 
 def expand(value: Any, key: str, entry: Any) -> Any:
@@ -174,12 +218,12 @@ def expand(value: Any, key: str, entry: Any) -> Any:
     if whole:
         if whole.group(1) == "key":
             return key
-        return entry[whole.group(2)] if whole.group(2) else entry
+        return _attribute(entry, whole.group(2)) if whole.group(2) else entry
 
     def replace(match: re.Match) -> str:
         if match.group(0) == "each.key":
             return f'"{key}"'
-        return _as_expression(entry[match.group(1)] if match.group(1) else entry)
+        return _as_expression(_attribute(entry, match.group(1)) if match.group(1) else entry)
 
     parts, last = [], 0
     for expression in interpolations(value):

@@ -148,7 +148,7 @@ def test_ci_account_may_grant_only_the_roles_terraform_grants_on_the_project(tf)
     docs/DEPLOY.md grants it with an IAM condition that lets it grant or revoke these roles and no
     other (iam.googleapis.com/modifiedGrantsByRole)."""
     granted = set()
-    for body in tf.resources_of("google_project_iam_member").values():
+    for body in tf.all_instances("google_project_iam_member").values():
         role = body["role"]
         match = re.fullmatch(r"\$\{google_project_iam_custom_role\.(\w+)\.name\}", role)
         if match:

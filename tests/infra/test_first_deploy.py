@@ -200,7 +200,10 @@ def test_public_endpoints_do_not_need_all_users_by_default(tf):
                 if body["member"] == "allUsers"}
     assert everyone, "the allUsers mode still exists"
     for name, body in everyone.items():
-        assert body.get("count") == '${var.public_access == "allUsers" ? 1 : 0}', name
+        # One instance per public endpoint in that mode, none otherwise.
+        for_each = body.get("for_each", "")
+        assert re.fullmatch(r'\$\{var\.public_access == "allUsers" \? \{.+\} : \{\}\}', for_each, re.S), name
+        assert set(tf.instances("google_cloud_run_v2_service_iam_member", name)) == {"request_upload", "socket"}
     # request-upload is a gen2 function (no such argument): the deploy helper turns the check off
     # after each apply on the services this output names (deploy/workflow.py).
     output = tf.outputs["invoker_check_disabled_services"].body
@@ -262,8 +265,9 @@ def test_ai_stream_min_instances_is_a_variable_defaulting_to_zero(tf):
 @pytest.mark.parametrize("deployable", DEPLOYABLES)
 def test_publishers_get_the_deployments_region(tf, deployable):
     """Ordering keys are ordered only for publishes in one region: every publisher names var.region."""
-    plain = ENV_LOCALS[deployable][0]
-    assert tf.locals[plain].get("PUBSUB_REGION") == "${var.region}"
+    always = ENV_LOCALS[deployable][0]
+    assert "shared_env" in always
+    assert tf.locals["shared_env"].get("PUBSUB_REGION") == "${var.region}"
     assert terraform_env(tf, deployable)["PUBSUB_REGION"] == "${var.region}"
 
 

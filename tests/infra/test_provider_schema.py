@@ -150,9 +150,9 @@ BROKEN = [
                   r"\(did you mean command\?\)",
                   r"provisioner\.local-exec: missing required argument command"),
                  id="misspelled-provisioner-argument"),
-    pytest.param("functions.tf", "  from = google_cloudfunctions2_function.ai_stream\n",
+    pytest.param("moved.tf", "  from = google_cloudfunctions2_function.ai_stream\n",
                  "  form = google_cloudfunctions2_function.ai_stream\n",
-                 r"functions\.tf: moved\.form: unknown argument in a moved block \(did you mean from\?\)",
+                 r"moved\.tf: moved\.form: unknown argument in a moved block \(did you mean from\?\)",
                  id="misspelled-moved-argument"),
 ]
 

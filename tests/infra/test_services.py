@@ -14,7 +14,7 @@ import pytest
 from deploy import packaging
 
 from . import hcl_model
-from .hcl_model import ROOT, first, literal, strings
+from .hcl_model import ROOT, dynamic_blocks, first, literal, strings
 
 PRIMITIVE_ROLES = {"roles/owner", "roles/editor", "roles/viewer"}
 
@@ -132,7 +132,7 @@ def _main_module(source_dir: str):
 def test_only_request_upload_is_public(tf):
     # allUsers only in the public_access = "allUsers" mode (test_first_deploy.py); the default
     # disables the invoker check on the same two services instead.
-    public = {name: body for name, body in tf.resources_of("google_cloud_run_v2_service_iam_member").items()
+    public = {name: body for name, body in tf.all_instances("google_cloud_run_v2_service_iam_member").items()
               if body["member"] == "allUsers"}
     assert {body["name"] for body in public.values()} == {
         '${google_cloudfunctions2_function.functions["request_upload"].name}',
@@ -202,7 +202,8 @@ def test_socket_service_may_manage_only_subscriptions(tf):
     assert sorted(role["permissions"]) == ["pubsub.subscriptions.consume", "pubsub.subscriptions.create",
                                            "pubsub.subscriptions.delete", "pubsub.subscriptions.get",
                                            "pubsub.subscriptions.list"]
-    binding = tf.resource("google_project_iam_member", "socket_instance_subscriptions")
+    binding = tf.instance("google_project_iam_member", "runtime", "socket_instance_subscriptions")
+    assert binding["role"] == "${google_project_iam_custom_role.instance_subscriptions.name}"
     assert binding["member"] == "${google_service_account.socket.member}"
     # Attaching subscriptions: on the two room-bus topics only (test_bus_grants.py).
     grants = tf.instances("google_pubsub_topic_iam_member", "socket_bus")
@@ -214,7 +215,7 @@ def test_socket_service_may_manage_only_subscriptions(tf):
 
 
 def test_ai_function_may_call_vertex_ai(tf):
-    binding = tf.resource("google_project_iam_member", "ai_stream_vertex")
+    binding = tf.instance("google_project_iam_member", "runtime", "ai_stream_vertex")
     assert (binding["role"], binding["member"]) == ("roles/aiplatform.user", "${google_service_account.ai_stream.member}")
 
 
@@ -295,11 +296,15 @@ def test_composite_indexes_cover_the_codes_queries(tf):
     queries = _queries()
     assert {q["where"] for q in queries} >= {"list_conversations", "fail_stale"}
     indexes = []
-    for body in tf.resources_of("google_firestore_index").values():
+    for body in tf.all_instances("google_firestore_index").values():
+        # The fields, in order, from a dynamic block over the index's list (firestore.tf).
+        (dynamic,) = dynamic_blocks(body, "fields")
+        assert {k: v for k, v in first(dynamic, "content").items() if not k.startswith("__")} == {
+            name: f"${{fields.value.{name}}}" for name in ("field_path", "order", "array_config")}
         fields = {}
-        for field in body["fields"]:
+        for field in dynamic["for_each"]:
             fields[field["field_path"]] = "CONTAINS" if field.get("array_config") else field["order"]
-        indexes.append((body["collection"], body.get("query_scope", "COLLECTION"), fields))
+        indexes.append((body["collection"], body.get("query_scope") or "COLLECTION", fields))
     for query in queries:
         expected = {}
         for field, op in query["filters"].items():

@@ -18,11 +18,17 @@ from .test_terraform_module import enum_choices
 
 DEPLOYABLES = ("socket_service", "upload", "ai_stream")
 
-# Where Terraform keeps each deployable's environment: (always set, set unless null or empty,
-# the two merged as the resource uses them, secrets).
+# Where Terraform keeps each deployable's environment (infra/terraform/environment.tf): the maps
+# always set, the maps set unless null or empty (shared maps first, then the deployable's own), the
+# two merged as the resource uses them, and the secrets.
 ENV_LOCALS = {
-    deployable: (f"{prefix}_env", f"{prefix}_optional_env", f"{prefix}_environment", f"{prefix}_secret_env")
-    for deployable, prefix in (("socket_service", "socket_service"), ("upload", "upload"), ("ai_stream", "ai_stream"))
+    "socket_service": (("shared_env", "token_env", "socket_service_env"),
+                       ("token_optional_env", "socket_service_optional_env"),
+                       "socket_service_environment", "token_secret_env"),
+    "upload": (("shared_env", "token_env", "upload_env"), ("token_optional_env", "upload_optional_env"),
+               "upload_environment", "token_secret_env"),
+    "ai_stream": (("shared_env", "ai_stream_env"), ("ai_stream_optional_env",), "ai_stream_environment",
+                  "ai_stream_secret_env"),
 }
 
 # Read by the runtime rather than by the settings module.
@@ -98,9 +104,12 @@ PER_DEPLOYABLE = {"SIGNING_SERVICE_ACCOUNT", "THREADS"}
 
 
 def terraform_env(tf, deployable: str) -> dict[str, object]:
-    plain, optional, _, secret = ENV_LOCALS[deployable]
-    values = {**tf.locals[plain], **tf.locals[optional]}
-    assert not set(tf.locals[plain]) & set(tf.locals[optional]), "a variable is both always and optionally set"
+    always, optional, _, secret = ENV_LOCALS[deployable]
+    values: dict[str, object] = {}
+    for name in (*always, *optional):
+        part = tf.locals[name]
+        assert not set(values) & set(part), f"{deployable}: a variable of local.{name} is set by another map too"
+        values.update(part)
     values.update({name: "<secret>" for name in map_keys(tf.locals[secret])})
     return values
 
@@ -185,20 +194,24 @@ def test_deployables_use_their_env_maps(tf):
         (block,) = [b for b in blocks if f"local.{name}" in b["for_each"]]
         return block["for_each"]
 
-    for deployable, (plain, optional, merged, _) in ENV_LOCALS.items():
+    for deployable, (always, optional, merged, _) in ENV_LOCALS.items():
         # Optional values are dropped only when null or empty; only variables decide that, so the
         # set of names is known at plan time.
+        optional_maps = f"local.{optional[0]}" if len(optional) == 1 else \
+            f"merge({', '.join(f'local.{name}' for name in optional)})"
         assert tf.locals[merged] == (
-            f"${{{{for k, v in merge(local.{plain}, {{for name, value in local.{optional} : name => value "
+            f"${{{{for k, v in merge({', '.join(f'local.{name}' for name in always)}, "
+            f"{{for name, value in {optional_maps} : name => value "
             f'if value != null && value != ""}}) : k => tostring(v)}}}}'), deployable
-        for value in tf.locals[optional].values():
-            assert "google_" not in value and "data." not in value, f"{deployable}: {value} is not known at plan"
+        for name in optional:
+            for value in tf.locals[name].values():
+                assert "google_" not in value and "data." not in value, f"{deployable}: {value} is not known at plan"
 
     container = first(tf.resource("google_cloud_run_v2_service", "socket"), "template", "containers")
     envs = dynamic_blocks(container, "env")
     assert len(envs) == 2
     assert for_each_of(envs, "socket_service_environment") == "${local.socket_service_environment}"
-    assert for_each_of(envs, "socket_service_secret_env").startswith("${local.jwt_uses_hmac ?")
+    assert for_each_of(envs, "token_secret_env").startswith("${local.jwt_uses_hmac ?")
 
     for function, deployable in (("request_upload", "upload"), ("on_upload_finalized", "upload"),
                                  ("ai_stream", "ai_stream")):
@@ -209,8 +222,10 @@ def test_deployables_use_their_env_maps(tf):
 
 
 def test_secret_values_are_secret_ids_not_values(tf):
-    assert tf.locals["socket_service_secret_env"] == {"JWT_SECRET": "${google_secret_manager_secret.jwt.secret_id}"}
-    assert tf.locals["upload_secret_env"] == {"JWT_SECRET": "${google_secret_manager_secret.jwt.secret_id}"}
+    assert ENV_LOCALS["socket_service"][3] == ENV_LOCALS["upload"][3] == "token_secret_env"
+    assert tf.locals["token_secret_env"] == {"JWT_SECRET": "${google_secret_manager_secret.jwt.secret_id}"}
+    assert tf.locals["ai_stream_secret_env"] == {"OPENAI_API_KEY": "${var.openai_api_key_secret}",
+                                                 "GEMINI_API_KEY": "${var.gemini_api_key_secret}"}
     assert tf.resource("google_secret_manager_secret", "jwt")["secret_id"] == deploy_settings.JWT_SECRET_ID
     assert not tf.resources_of("google_secret_manager_secret_version"), "a secret value would sit in the state"
 
@@ -237,4 +252,4 @@ def test_jwt_algorithms_offer_what_chatcore_accepts(tf):
     (validation,) = tf.variables["jwt_algorithms"].body["validation"]
     offered = set(re.findall(r'"([A-Z]{2}\d{3})"', validation["condition"]))
     assert offered == set(auth.HMAC_ALGORITHMS + auth.ASYMMETRIC_ALGORITHMS)
-    assert tf.locals["auth_env_values"]["JWT_ALGORITHMS"] == '${join(",", var.jwt_algorithms)}'
+    assert tf.locals["token_env"]["JWT_ALGORITHMS"] == '${join(",", var.jwt_algorithms)}'

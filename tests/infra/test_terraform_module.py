@@ -141,11 +141,15 @@ def test_references_parse_what_they_should():
 
 def test_moved_blocks_lead_from_an_old_address_to_an_instance_that_exists(tf):
     """Resources whose address changed (one for_each replacing several blocks) keep their state:
-    `moved` takes each old address to an existing for_each instance, so nothing is destroyed and recreated."""
+    `moved` takes each old address (a resource, or one instance of it: ``name[0]`` of a count,
+    ``name["key"]`` of a for_each) to an existing for_each instance, so nothing is destroyed and recreated."""
     assert tf.moved, "the for_each refactorings keep their moved blocks (existing deployments)"
     seen_from, seen_to = set(), set()
     for old, new, file in tf.moved:
-        old_type, old_name = old.split(".")
+        assert file == "moved.tf", f"{file}: moved blocks are kept together in moved.tf"
+        old_match = re.fullmatch(r'(\w+)\.(\w+)(?:\[(?:\d+|"\w+")\])?', old)
+        assert old_match, f"{file}: {old} is not a resource or resource instance address"
+        old_type, old_name = old_match.groups()
         assert (old_type, old_name) not in tf.resources, f"{file}: {old} still exists"
         match = re.fullmatch(r'(\w+)\.(\w+)\["(\w+)"\]', new)
         assert match, f"{file}: {new} is not a for_each instance"

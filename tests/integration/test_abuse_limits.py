@@ -25,7 +25,6 @@ import aiohttp
 import pytest
 import socketio
 from aiohttp import web
-from aiohttp.test_utils import TestServer
 
 from chatcore import protocol
 from chatcore.identity.auth import issue_token
@@ -33,6 +32,7 @@ from socket_service import http_api
 from socket_service.app import create_app
 from socket_service.settings import Settings
 from tests.conftest import ChatClient, new_user
+from tests.integration.conftest import in_process
 
 AUTH_TIMEOUT = 2.0
 MAX_CONNECTIONS = 3
@@ -61,12 +61,8 @@ async def service(stack):
     env = stack.service_env(AUTH_TIMEOUT_SECONDS=str(AUTH_TIMEOUT), MAX_CONNECTIONS_PER_USER=str(MAX_CONNECTIONS),
                             HTTP_REQUEST_BURST=str(HTTP_BURST), HTTP_REQUESTS_PER_SECOND=str(HTTP_RATE))
     app = create_app(Settings.from_env(env))
-    server = TestServer(app, host="127.0.0.1")
-    await server.start_server()
-    try:
-        yield Service(f"http://127.0.0.1:{server.port}", app, stack.jwt_secret)
-    finally:
-        await server.close()
+    async with in_process(app) as url:
+        yield Service(url, app, stack.jwt_secret)
 
 
 # -- raw Engine.IO -------------------------------------------------------------

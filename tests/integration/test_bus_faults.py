@@ -29,8 +29,8 @@ import pytest
 from chatcore import topology
 from chatcore.identity.auth import issue_token
 from devstack.processes import Managed, free_port, http_ok
-from devstack.stack import Ports, Stack
-from tests.conftest import ARTIFACTS, Api, ChatClient, new_user
+from devstack.stack import Stack
+from tests.conftest import Api, ChatClient, new_stack, new_user
 
 QUOTAS = {"AI_MAX_CONCURRENT_PER_USER": "1000", "AI_MESSAGES_PER_WINDOW": "100000"}
 RECOVERY = 20.0  # the bus carries A's emits to B again within this many seconds of the emulator's return
@@ -52,9 +52,7 @@ class BusStack:
 
 @pytest.fixture(scope="module")
 def bus_stack():
-    stack = Stack(ports=Ports(firestore=free_port(), pubsub=free_port(), gcs=free_port(), chat=free_port(),
-                              ai=free_port()),
-                  log_dir=ARTIFACTS / "logs" / f"bus-faults-{uuid.uuid4().hex[:8]}", project_id="chat-bus-faults")
+    stack = new_stack("chat-bus-faults", "bus-faults")
     try:
         stack.start_emulators()
         stack.start_ai_function(stack.ports.ai, name="ai-bus-faults", OFFLINE_TOKEN_DELAY_MS=str(TOKEN_DELAY_MS))
@@ -166,20 +164,28 @@ async def send(client: ChatClient, conversation_id: str, text: str, timeout: flo
                                               "client_message_id": uuid.uuid4().hex}, timeout=timeout)
 
 
+async def stream_then_three_more(on_a: ChatClient, on_b: ChatClient, conversation_id: str,
+                                 words: int) -> tuple[str, list[dict]]:
+    """Sent from A right before a fault: ``/stream words``, whose reply is streaming (B has its first chunks),
+    then three messages, all accepted. Returns (the streaming reply's id, the three acks)."""
+    stream = await send(on_a, conversation_id, f"/stream {words}")
+    assert stream["ok"], stream
+    reply_id = f"{stream['message_id']}-r"
+    await on_b.wait_for("ai_response_chunk", lambda c: c["message_id"] == reply_id and c["seq"] >= 2, timeout=20)
+    before = [await send(on_a, conversation_id, f"before {i}") for i in range(3)]
+    assert all(a["ok"] for a in before), before
+    return reply_id, before
+
+
 async def test_frozen_pubsub_loses_nothing_and_the_bus_resumes(bus_stack, http):
     env = bus_stack
     api, token, cid, on_a, on_b = await two_clients(env, http)
     emulator = pubsub_emulator(env.stack)
     try:
         await bus_carries(on_a, on_b, cid, RECOVERY)
-        # A reply streaming across the freeze, from the AI function (its own bus publisher).
-        stream = await send(on_a, cid, "/stream 1200")
-        assert stream["ok"], stream
-        reply_id = f"{stream['message_id']}-r"
-        await on_b.wait_for("ai_response_chunk", lambda c: c["message_id"] == reply_id and c["seq"] >= 2, timeout=20)
-        # Emits accepted right before the outage (new_message, ai_thinking, the AI requests)...
-        before = [await send(on_a, cid, f"before {i}") for i in range(3)]
-        assert all(a["ok"] for a in before), before
+        # A reply streaming across the freeze, from the AI function (its own bus publisher), and
+        # emits accepted right before the outage (new_message, ai_thinking, the AI requests)...
+        reply_id, before = await stream_then_three_more(on_a, on_b, cid, 1200)
         emulator.signal_group(signal.SIGSTOP)
         frozen_at = time.monotonic()
         try:
@@ -226,12 +232,7 @@ async def test_restarted_pubsub_the_bus_resumes_and_nothing_is_lost_without_a_tr
         await bus_carries(on_a, on_b, cid, RECOVERY)
         subscriptions = instance_subscriptions(env.stack)
         assert len(subscriptions) == 2, subscriptions
-        stream = await send(on_a, cid, "/stream 3000")
-        assert stream["ok"], stream
-        reply_id = f"{stream['message_id']}-r"
-        await on_b.wait_for("ai_response_chunk", lambda c: c["message_id"] == reply_id and c["seq"] >= 2, timeout=20)
-        before = [await send(on_a, cid, f"before {i}") for i in range(3)]
-        assert all(a["ok"] for a in before), before
+        reply_id, before = await stream_then_three_more(on_a, on_b, cid, 3000)
         await asyncio.to_thread(emulator.kill)
         try:
             started = time.monotonic()

@@ -6,45 +6,16 @@ every port it used is free again. SIGTERM is checked on the whole stack;
 SIGINT (the same handler) during start-up, which is cheaper.
 """
 
-import os
 import re
 import signal
 import subprocess
-import sys
 import time
 import urllib.request
 
 import psutil
 
-from devstack.processes import free_port, port_is_free
-from devstack.stack import ROOT
-
-
-def _wait_for_ready(proc: subprocess.Popen, timeout: float = 120) -> tuple[str, list[str]]:
-    lines: list[str] = []
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            if proc.poll() is not None:
-                break
-            continue
-        lines.append(line.rstrip())
-        if line.startswith("READY "):
-            return line.split(" ", 1)[1].strip(), lines
-    raise AssertionError("no READY line; output:\n" + "\n".join(lines))
-
-
-def _launch(tmp_path) -> tuple[subprocess.Popen, dict[str, int]]:
-    ports = {"CHAT_PORT": free_port(), "DEV_FIRESTORE_PORT": free_port(), "DEV_PUBSUB_PORT": free_port(),
-             "DEV_GCS_PORT": free_port(), "DEV_AI_PORT": free_port()}
-    env = {**os.environ, **{k: str(v) for k, v in ports.items()}, "DEV_LOG_DIR": str(tmp_path),
-           "PYTHONUNBUFFERED": "1"}
-    for name in ("FIRESTORE_EMULATOR_HOST", "PUBSUB_EMULATOR_HOST", "STORAGE_EMULATOR_HOST"):
-        env.pop(name, None)
-    proc = subprocess.Popen([sys.executable, "-m", "devstack"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    return proc, ports
+from devstack.processes import port_is_free
+from tests.integration.conftest import kill_make_dev, launch_make_dev, wait_for_ready
 
 
 def _stopped_cleanly(proc: subprocess.Popen, started: list[psutil.Process], ports: dict[str, int]) -> None:
@@ -57,22 +28,12 @@ def _stopped_cleanly(proc: subprocess.Popen, started: list[psutil.Process], port
     assert busy == []
 
 
-def _kill(proc: subprocess.Popen, started: list[psutil.Process]) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGKILL)
-    for p in started:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
-
-
 def test_make_dev_starts_and_stops_cleanly(tmp_path):
     """The whole stack up, then SIGTERM (what a process manager sends)."""
-    proc, ports = _launch(tmp_path)
+    proc, ports = launch_make_dev(tmp_path)
     started: list[psutil.Process] = []
     try:
-        url, lines = _wait_for_ready(proc)
+        url, lines = wait_for_ready(proc)
         assert url == f"http://127.0.0.1:{ports['CHAT_PORT']}"
         output = "\n".join(lines)
         for port in ports.values():
@@ -84,13 +45,13 @@ def test_make_dev_starts_and_stops_cleanly(tmp_path):
         proc.send_signal(signal.SIGTERM)
         _stopped_cleanly(proc, started, ports)
     finally:
-        _kill(proc, started)
+        kill_make_dev(proc, started)
 
 
 def test_ctrl_c_during_start_up_stops_cleanly(tmp_path):
     """Ctrl-C (SIGINT) as soon as the first process is started: the same handler as SIGTERM, checked without
     waiting for the whole stack. What it had started, and what it was starting then, is stopped."""
-    proc, ports = _launch(tmp_path)
+    proc, ports = launch_make_dev(tmp_path)
     started: dict[int, psutil.Process] = {}
     try:
         parent = psutil.Process(proc.pid)
@@ -109,4 +70,4 @@ def test_ctrl_c_during_start_up_stops_cleanly(tmp_path):
         output = proc.stdout.read()
         assert "stopped" in output and "Traceback" not in output, output
     finally:
-        _kill(proc, list(started.values()))
+        kill_make_dev(proc, list(started.values()))

@@ -17,7 +17,6 @@ import aiohttp
 import grpc
 import pytest
 import socketio
-from aiohttp.test_utils import TestServer
 from google.api_core import exceptions as gexc
 from google.cloud import firestore
 from socketio_pubsub_gcp.publisher import Publisher
@@ -32,6 +31,7 @@ from socket_service import http_api
 from socket_service.app import AiRequestPublisher, create_app
 from socket_service.settings import Settings
 from tests.conftest import ChatClient, new_user
+from tests.integration.conftest import in_process
 
 
 class InProcess:
@@ -54,12 +54,8 @@ class InProcess:
 async def chat(stack):
     settings = Settings.from_env(stack.service_env(HTTP_REQUESTS_PER_SECOND="1000", HTTP_REQUEST_BURST="10000"))
     app = create_app(settings)
-    server = TestServer(app, host="127.0.0.1")
-    await server.start_server()
-    try:
-        yield InProcess(f"http://127.0.0.1:{server.port}", app, stack.jwt_secret)
-    finally:
-        await server.close()
+    async with in_process(app) as url:
+        yield InProcess(url, app, stack.jwt_secret)
 
 
 async def _conversation(chat: InProcess, owner: str) -> str:

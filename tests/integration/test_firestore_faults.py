@@ -15,9 +15,9 @@ import aiohttp
 import pytest
 
 from chatcore.identity.auth import issue_token
-from devstack.processes import Managed, free_port, http_ok
-from devstack.stack import Ports, Stack
-from tests.conftest import ARTIFACTS, Api, ChatClient, assert_no_internal_answers, new_user
+from devstack.processes import Managed, http_ok
+from devstack.stack import Stack
+from tests.conftest import Api, ChatClient, assert_no_internal_answers, new_stack, new_user
 
 DEADLINE = 3.0  # REQUEST_DEADLINE_SECONDS of this stack's service (the default is 10)
 RECOVERY = 10.0  # everything works again within this after the database is back
@@ -25,9 +25,7 @@ RECOVERY = 10.0  # everything works again within this after the database is back
 
 @pytest.fixture(scope="module")
 def faulty_stack():
-    stack = Stack(ports=Ports(firestore=free_port(), pubsub=free_port(), gcs=free_port(), chat=free_port(),
-                              ai=free_port()),
-                  log_dir=ARTIFACTS / "logs" / f"faults-{uuid.uuid4().hex[:8]}", project_id="chat-faults")
+    stack = new_stack("chat-faults", "faults")
     try:
         stack.start_emulators()
         stack.start_socket_service(stack.ports.chat, name="socket-faults",

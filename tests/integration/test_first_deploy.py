@@ -26,7 +26,6 @@ from unittest import mock
 
 import aiohttp
 import pytest
-from aiohttp import web
 from google.api_core import exceptions as gexc
 from google.cloud import pubsub_v1
 from socketio_pubsub_gcp.subscriber import Subscriber
@@ -39,6 +38,7 @@ from socket_service import http_api
 from socket_service.app import create_app
 from socket_service.settings import Settings
 from tests.conftest import Api, new_user
+from tests.integration.conftest import in_process
 
 SECURITY_HEADERS = ("Content-Security-Policy", "X-Content-Type-Options", "Referrer-Policy")
 
@@ -93,14 +93,8 @@ async def test_health_and_ready_paths_answer_like_their_z_aliases(instance, heal
 async def in_process_service(stack, **kwargs):
     settings = Settings.from_env({**stack.service_env(), "UPLOAD_URL": stack.upload_url, "GC_TUNING": "0"})
     app = create_app(settings, storage_client=mock.Mock(), signer=mock.Mock(), **kwargs)
-    runner = web.AppRunner(app)
-    port = free_port()
-    await runner.setup()
-    try:
-        await web.TCPSite(runner, "127.0.0.1", port).start()
-        yield f"http://127.0.0.1:{port}", app
-    finally:
-        await runner.cleanup()
+    async with in_process(app) as url:
+        yield url, app
 
 
 # -- 2. subscriptions refused at start-up while IAM grants propagate ---------------------------------

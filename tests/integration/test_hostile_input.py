@@ -209,6 +209,18 @@ async def exercise(target: Target, event: str, payload) -> dict:
         await client.close()
 
 
+async def check_refused_unauthenticated(url: str, token: str | None = None, **kwargs) -> None:
+    """A handshake with these credentials is refused with a ``connect_error`` of code ``unauthenticated``."""
+    client = ChatClient(url, token, **kwargs)
+    try:
+        with pytest.raises(socketio.exceptions.ConnectionError):
+            await client.connect()
+        assert isinstance(client.connect_error, dict), client.connect_error
+        assert client.connect_error.get("code") == "unauthenticated", client.connect_error
+    finally:
+        await client.close()
+
+
 # -- Socket.IO events ---------------------------------------------------------
 @HOSTILE
 @given(payload=EVENT_PAYLOADS["join_room"])
@@ -260,14 +272,7 @@ async def test_unknown_events_survive_hostile_payloads(target, event, payload):
     st.dictionaries(hostile_text, json_values, max_size=3)))
 @example(auth={"token": "\ud800"})
 async def test_handshake_with_hostile_auth_is_refused_cleanly(target, auth):
-    client = ChatClient(target.url, auth=auth)
-    try:
-        with pytest.raises(socketio.exceptions.ConnectionError):
-            await client.connect()
-        assert isinstance(client.connect_error, dict), client.connect_error
-        assert client.connect_error.get("code") == "unauthenticated", client.connect_error
-    finally:
-        await client.close()
+    await check_refused_unauthenticated(target.url, auth=auth)
     # The server is unharmed: a valid handshake still works.
     ack = await exercise(target, "leave_room", {"conversation_id": target.conversation_id})
     assert ack["ok"] is True
@@ -579,22 +584,9 @@ async def test_token_name_the_chat_cannot_store_falls_back_to_the_user_id(target
 
 @pytest.mark.parametrize("auth", [{"token": "\ud800"}, {"token": "é" * 20}, {"token": "eyJ\x00.a.b"}])
 async def test_non_ascii_handshake_token_is_unauthenticated(target, auth):
-    client = ChatClient(target.url, auth=auth)
-    try:
-        with pytest.raises(socketio.exceptions.ConnectionError):
-            await client.connect()
-        assert isinstance(client.connect_error, dict), client.connect_error
-        assert client.connect_error.get("code") == "unauthenticated", client.connect_error
-    finally:
-        await client.close()
+    await check_refused_unauthenticated(target.url, auth=auth)
 
 
 async def test_token_subject_with_a_control_character_is_refused(target, make_token):
-    client = ChatClient(target.url, make_token("user\x00" + uuid.uuid4().hex[:6]))
-    try:
-        with pytest.raises(socketio.exceptions.ConnectionError):
-            await client.connect()
-        assert client.connect_error.get("code") == "unauthenticated", client.connect_error
-    finally:
-        await client.close()
+    await check_refused_unauthenticated(target.url, make_token("user\x00" + uuid.uuid4().hex[:6]))
 

@@ -10,27 +10,23 @@ transaction; these tests drive that order exactly against the emulator.
 
 from __future__ import annotations
 
-import uuid
 from datetime import timedelta
 
 from google.cloud import firestore
 
 from chatcore import protocol
-from chatcore.store.conversations import ChatStore
-from chatcore.store.replies import ReplyStore
+from tests.integration.conftest import Stores
 
 
-async def _streaming_reply(stack):
-    db = firestore.AsyncClient(project=stack.project_id)
-    store, replies = ChatStore(db), ReplyStore(ChatStore(db))
-    user = f"end-{uuid.uuid4().hex[:8]}"
-    conv = await store.create_conversation(user, "reply end")
-    _, reply, _ = await store.post_user_message(conv.id, user, user, "question", None)
-    claimed = await replies.claim(conv.id, reply.id, "worker-1", timedelta(seconds=10))
+async def _streaming_reply(stores: Stores):
+    """A reply claimed by a worker, its user's concurrency slot held: (db, replies, the claimed reply)."""
+    user, conv = await stores.new_conversation("end", "reply end")
+    _, reply, _ = await stores.chat.post_user_message(conv.id, user, user, "question", None)
+    claimed = await stores.replies.claim(conv.id, reply.id, "worker-1", timedelta(seconds=10))
     assert claimed is not None
     # The user's concurrency slot, as the socket service's quota check takes it.
-    await db.collection("quotas").document(user).set({"active": {reply.id: firestore.SERVER_TIMESTAMP}})
-    return db, replies, claimed
+    await stores.db.collection("quotas").document(user).set({"active": {reply.id: firestore.SERVER_TIMESTAMP}})
+    return stores.db, stores.replies, claimed
 
 
 async def _stored(db, reply):
@@ -43,8 +39,8 @@ async def _slot_held(db, reply) -> bool:
     return reply.id in quota.get("active", {})
 
 
-async def test_a_stop_acked_before_the_final_write_ends_the_reply_cancelled(stack):
-    db, replies, reply = await _streaming_reply(stack)
+async def test_a_stop_acked_before_the_final_write_ends_the_reply_cancelled(stores):
+    db, replies, reply = await _streaming_reply(stores)
     stopped = await replies.request_stop(reply.conversation_id, reply.id)
     assert [s.message_id for s in stopped] == [reply.id]  # the ack names it
     # The model finished before the worker's next poll saw the stop.
@@ -53,24 +49,21 @@ async def test_a_stop_acked_before_the_final_write_ends_the_reply_cancelled(stac
     doc = await _stored(db, reply)
     assert (doc["status"], doc["content"], doc["seq"]) == (protocol.CANCELLED, "every word", 3)
     assert not await _slot_held(db, reply)
-    db.close()
 
 
-async def test_without_a_stop_the_reply_ends_complete(stack):
-    db, replies, reply = await _streaming_reply(stack)
+async def test_without_a_stop_the_reply_ends_complete(stores):
+    db, replies, reply = await _streaming_reply(stores)
     assert await _slot_held(db, reply)
     final = await replies.finish(reply, protocol.COMPLETE, "every word", 3)
     assert final.status == protocol.COMPLETE
     assert (await _stored(db, reply))["status"] == protocol.COMPLETE
     assert not await _slot_held(db, reply)
-    db.close()
 
 
-async def test_a_failure_stays_a_failure_after_a_stop(stack):
-    db, replies, reply = await _streaming_reply(stack)
+async def test_a_failure_stays_a_failure_after_a_stop(stores):
+    db, replies, reply = await _streaming_reply(stores)
     await replies.request_stop(reply.conversation_id, reply.id)
     error = {"code": "unavailable", "message": "the model failed"}
     final = await replies.finish(reply, protocol.FAILED, "half", 1, error)
     assert final.status == protocol.FAILED
     assert (await _stored(db, reply))["error"] == error
-    db.close()

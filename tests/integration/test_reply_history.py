@@ -2,20 +2,12 @@
 
 from __future__ import annotations
 
-import uuid
-
-from google.cloud import firestore
-
 from chatcore import protocol
-from chatcore.store.conversations import ChatStore
-from chatcore.store.replies import ReplyStore
 
 
-async def test_history_from_recent_messages_skips_what_came_after_the_reply(stack):
-    db = firestore.AsyncClient(project=stack.project_id)
-    store, replies = ChatStore(db), ReplyStore(ChatStore(db))
-    user = f"hist-{uuid.uuid4().hex[:8]}"
-    conv = await store.create_conversation(user, "history")
+async def test_history_from_recent_messages_skips_what_came_after_the_reply(stores):
+    store, replies = stores.chat, stores.replies
+    user, conv = await stores.new_conversation("hist", "history")
     first, first_reply, _ = await store.post_user_message(conv.id, user, user, "first question", None)
     await replies.finish(first_reply, protocol.COMPLETE, "first answer", 1)
     question, reply, _ = await store.post_user_message(conv.id, user, user, "second question", None)
@@ -32,4 +24,3 @@ async def test_history_from_recent_messages_skips_what_came_after_the_reply(stac
     assert [m.content for m in (await replies.history(reply, 5, 50, recent=recent)).messages] == ["second question"]
     assert [m.id for m in (await replies.history(reply, 10_000, 2, recent=recent)).messages] == [first_reply.id,
                                                                                                  question.id]
-    db.close()

@@ -13,12 +13,10 @@ import asyncio
 import json
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import aiohttp
 import jwt
 import pytest
-from aiohttp.test_utils import TestServer
 from cryptography.hazmat.primitives.asymmetric import ec
 from jwt.algorithms import ECAlgorithm
 
@@ -28,12 +26,14 @@ from socket_service import http_api
 from socket_service.app import create_app
 from socket_service.settings import Settings
 from tests.conftest import ChatClient, new_user
+from tests.fakes.local_http import JsonHandler, ThreadedServer
+from tests.integration.conftest import in_process
 
 KID = "review-ec-1"
 
 
 # -- a key server that answers when the test says so ---------------------------
-class HeldJwks:
+class HeldJwks(ThreadedServer):
     """A JWKS endpoint on 127.0.0.1 that holds every answer until ``release`` (a slow key server).
 
     ``asked`` (an asyncio.Event of the test's loop) is set once a request has arrived.
@@ -44,38 +44,21 @@ class HeldJwks:
         self.release = threading.Event()
         held = self
 
-        class Handler(BaseHTTPRequestHandler):
+        class Handler(JsonHandler):
             def do_GET(self):  # noqa: N802 (http.server API)
                 loop.call_soon_threadsafe(held.asked.set)
                 held.release.wait(timeout=30)
-                body = json.dumps(jwks).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
+                self.send_json(200, jwks)
 
-            def log_message(self, *args):
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05},
-                                       name="held-jwks", daemon=True)
+        super().__init__(Handler, name="held-jwks")
 
     @property
     def url(self) -> str:
-        host, port = self.httpd.server_address[:2]
-        return f"http://{host}:{port}/jwks.json"
+        return f"{self.base}/jwks.json"
 
-    def __enter__(self) -> HeldJwks:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.release.set()
-        self.httpd.shutdown()
-        self.httpd.server_close()
-        self.thread.join(timeout=5)
+    def stop(self) -> None:
+        self.release.set()  # a held answer must not keep the server's shutdown waiting
+        super().stop()
 
 
 @pytest.fixture(scope="module")
@@ -122,12 +105,8 @@ async def chat(stack, held_jwks):
     """The socket service in this process; ES256 tokens are checked against ``held_jwks``, HS256 ones locally."""
     settings = Settings.from_env(stack.service_env(JWT_ALGORITHMS="HS256,ES256", JWT_JWKS_URL=held_jwks.url))
     app = create_app(settings, verifier=RecordingVerifier(settings.auth))
-    server = TestServer(app, host="127.0.0.1")
-    await server.start_server()
-    try:
-        yield InProcess(f"http://127.0.0.1:{server.port}", app, stack.jwt_secret)
-    finally:
-        await server.close()
+    async with in_process(app) as url:
+        yield InProcess(url, app, stack.jwt_secret)
 
 
 def hold(target, method: str, when) -> tuple[asyncio.Event, asyncio.Event]:

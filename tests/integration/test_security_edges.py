@@ -10,13 +10,13 @@ from __future__ import annotations
 import aiohttp
 import pytest
 import socketio
-from aiohttp.test_utils import TestServer
 
 from chatcore.identity.auth import TokenVerifier, issue_token
 from socket_service.app import create_app
 from socket_service.headers import security_headers
 from socket_service.settings import Settings
 from tests.conftest import ChatClient
+from tests.integration.conftest import in_process
 
 ALLOWED = "https://chat.example"
 
@@ -39,12 +39,8 @@ async def production(stack):
            "UPLOAD_URL": "https://upload.example/"}
     settings = Settings.from_env(env)
     verifier = RecordingVerifier(settings.auth)
-    server = TestServer(create_app(settings, verifier=verifier), host="127.0.0.1")
-    await server.start_server()
-    try:
-        yield f"http://127.0.0.1:{server.port}", verifier, stack.jwt_secret
-    finally:
-        await server.close()
+    async with in_process(create_app(settings, verifier=verifier)) as url:
+        yield url, verifier, stack.jwt_secret
 
 
 async def test_a_handshake_from_a_foreign_origin_is_refused_before_the_token_is_read(production):

@@ -18,8 +18,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import subprocess
-import sys
 import time
 import uuid
 
@@ -29,10 +27,11 @@ import pytest
 
 from chatcore.identity.auth import issue_token
 from devstack import push_relay
-from devstack.processes import Managed, free_port, port_accepts, port_is_free
-from devstack.stack import ROOT, Ports, Stack
+from devstack.processes import Managed, port_accepts, port_is_free
+from devstack.stack import Stack
 from socket_service.http_api import READY_CACHE_SECONDS
-from tests.conftest import ARTIFACTS, ChatClient
+from tests.conftest import ChatClient, new_stack
+from tests.integration.conftest import kill_make_dev, launch_make_dev, wait_for_ready
 
 ORPHAN_DEADLINE_SECONDS = 5.0  # what issue 11 promises after `make dev` is SIGKILLed
 SERVICE_GRACE_SECONDS = 8.0  # SHUTDOWN_GRACE_SECONDS' default
@@ -72,33 +71,11 @@ def _describe(processes: list[psutil.Process]) -> list[str]:
     return out
 
 
-def _wait_for_ready(proc: subprocess.Popen, timeout: float = 120) -> list[str]:
-    lines: list[str] = []
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            if proc.poll() is not None:
-                break
-            continue
-        lines.append(line.rstrip())
-        if line.startswith("READY "):
-            return lines
-    raise AssertionError("no READY line; output:\n" + "\n".join(lines))
-
-
 def test_make_dev_sigkilled_leaves_no_process_and_frees_every_port(tmp_path):
-    ports = {name: free_port() for name in ("CHAT_PORT", "DEV_FIRESTORE_PORT", "DEV_PUBSUB_PORT", "DEV_GCS_PORT",
-                                            "DEV_AI_PORT", "DEV_UPLOAD_PORT", "DEV_FINALIZE_PORT")}
-    env = {**os.environ, **{k: str(v) for k, v in ports.items()}, "DEV_LOG_DIR": str(tmp_path),
-           "PYTHONUNBUFFERED": "1"}
-    for name in ("FIRESTORE_EMULATOR_HOST", "PUBSUB_EMULATOR_HOST", "STORAGE_EMULATOR_HOST"):
-        env.pop(name, None)
-    proc = subprocess.Popen([sys.executable, "-m", "devstack"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    proc, ports = launch_make_dev(tmp_path, "DEV_UPLOAD_PORT", "DEV_FINALIZE_PORT")
     tree: list[psutil.Process] = []
     try:
-        _wait_for_ready(proc)
+        wait_for_ready(proc)
         tree = psutil.Process(proc.pid).children(recursive=True)
         commands = [" ".join(p.cmdline()) for p in tree]
         for part, count in (("java", 2), ("fake-gcs-server", 1), ("functions_framework", 3),
@@ -119,14 +96,7 @@ def test_make_dev_sigkilled_leaves_no_process_and_frees_every_port(tmp_path):
         busy = sorted(port for port in listening if not port_is_free(port))
         assert busy == [], f"ports still held {ORPHAN_DEADLINE_SECONDS:.0f} s after SIGKILL: {busy}"
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
-        for p in tree:
-            try:
-                p.kill()
-            except psutil.NoSuchProcess:
-                pass
+        kill_make_dev(proc, tree)
 
 
 BACKENDS = {"firestore-emulator", "pubsub-emulator", "fake-gcs-server"}
@@ -166,9 +136,7 @@ async def _wait_until(predicate, timeout: float, what: str) -> None:
 
 @pytest.mark.parametrize("fault", [signal.SIGKILL, signal.SIGSTOP], ids=["backends-killed", "backends-frozen"])
 async def test_sigterm_stops_every_process_within_its_grace_when_the_backends_are_gone(fault):
-    stack = Stack(ports=Ports(firestore=free_port(), pubsub=free_port(), gcs=free_port(), chat=free_port(),
-                              ai=free_port()),
-                  log_dir=ARTIFACTS / "logs" / f"faults-{uuid.uuid4().hex[:8]}", project_id="chat-faults")
+    stack = new_stack("chat-faults", "faults")
     client = None
     frozen: list[Managed] = []
     try:

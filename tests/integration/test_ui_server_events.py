@@ -31,6 +31,12 @@ def updates(client, conversation_id, reason=None):
             if u["conversation_id"] == conversation_id and (reason is None or u["reason"] == reason)]
 
 
+async def everyone_hears(listeners, conversation_id, reason) -> list[dict]:
+    """The ``conversation_updated`` of ``reason`` about the conversation, as each of ``listeners`` receives it."""
+    return [await client.wait_for("conversation_updated", lambda u: u["conversation_id"] == conversation_id
+                                  and u["reason"] == reason) for client in listeners]
+
+
 # -- names -------------------------------------------------------------------------
 async def test_messages_carry_the_senders_name(api, service, make_token, clients):
     owner, token, conv, client = await joined_room(api, service, make_token, clients, name="Olivia")
@@ -73,33 +79,25 @@ async def test_conversation_updated_reaches_every_participant_on_any_instance(
     assert created["conversation"]["title"] == "Plans" and "updated_at" in created["conversation"]
 
     await api.add_participant(owner_token, conv["id"], guest)
-    for client in (owner_list, guest_list):
-        update = await client.wait_for("conversation_updated", lambda u: u["conversation_id"] == conv["id"]
-                                       and u["reason"] == "participants")
+    for update in await everyone_hears((owner_list, guest_list), conv["id"], "participants"):
         assert update["conversation"]["participants"] == [owner, guest]
         assert {"user_id": guest, "name": "Gus"} in update["conversation"]["participants_info"]
 
     status, _ = await api.request("PATCH", f"/api/conversations/{conv['id']}", owner_token, json={"title": "Trip"})
     assert status == 200
-    for client in (owner_list, guest_list):
-        update = await client.wait_for("conversation_updated", lambda u: u["conversation_id"] == conv["id"]
-                                       and u["reason"] == "renamed")
+    for update in await everyone_hears((owner_list, guest_list), conv["id"], "renamed"):
         assert update["conversation"]["title"] == "Trip"
 
     status, _ = await api.request("PATCH", f"/api/conversations/{conv['id']}", owner_token, json={"ai_mode": "off"})
     assert status == 200
-    for client in (owner_list, guest_list):
-        update = await client.wait_for("conversation_updated", lambda u: u["conversation_id"] == conv["id"]
-                                       and u["reason"] == "ai_mode")
+    for update in await everyone_hears((owner_list, guest_list), conv["id"], "ai_mode"):
         assert update["conversation"]["ai_mode"] == "off"
 
     # A message from a connection that did not join the room either.
     text = "A long message " + "x" * 300
     ack = await guest_list.call("send_message", {"conversation_id": conv["id"], "message": text})
     assert ack["ok"], ack
-    for client in (owner_list, guest_list):
-        update = await client.wait_for("conversation_updated", lambda u: u["conversation_id"] == conv["id"]
-                                       and u["reason"] == "message")
+    for update in await everyone_hears((owner_list, guest_list), conv["id"], "message"):
         last = update["last_message"]
         assert last["message_id"] == ack["message_id"] and last["role"] == "user"
         assert last["user_id"] == guest and last["username"] == "Gus"

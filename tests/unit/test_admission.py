@@ -30,16 +30,25 @@ def _send(user: str, text: str) -> Send:
     return Send.new("conv", user, user, text, None)
 
 
+async def _until_batches(store: GatedStore, count: int) -> None:
+    while len(store.batches) < count:
+        await asyncio.sleep(0)
+
+
+async def _first_in_transaction(store: GatedStore, admissions: SendAdmissions) -> asyncio.Future:
+    """ada's send "first", posted; returns once its transaction has started (and waits for ``store.release``)."""
+    first = asyncio.ensure_future(admissions.post(_send("ada", "first"), Deadline(5)))
+    await _until_batches(store, 1)
+    return first
+
+
 async def test_sends_arriving_during_a_transaction_go_together_in_the_next():
     store = GatedStore()
     admissions = SendAdmissions(store, quota=None)
-    first = asyncio.ensure_future(admissions.post(_send("ada", "first"), Deadline(5)))
-    while not store.batches:
-        await asyncio.sleep(0)
+    first = await _first_in_transaction(store, admissions)
     rest = [asyncio.ensure_future(admissions.post(_send("ada", f"m{i}"), Deadline(5))) for i in range(5)]
     other_user = asyncio.ensure_future(admissions.post(_send("bob", "hi"), Deadline(5)))
-    while len(store.batches) < 2:
-        await asyncio.sleep(0)
+    await _until_batches(store, 2)
     assert [[s.content for s in b] for b in store.batches] == [["first"], ["hi"]]
     store.release.set()
     results = await asyncio.gather(first, *rest, other_user)
@@ -63,9 +72,7 @@ async def test_each_send_gets_its_own_refusal():
 async def test_a_send_whose_deadline_passed_while_queued_is_never_sent():
     store = GatedStore()
     admissions = SendAdmissions(store, quota=None)
-    first = asyncio.ensure_future(admissions.post(_send("ada", "first"), Deadline(5)))
-    while not store.batches:
-        await asyncio.sleep(0)
+    first = await _first_in_transaction(store, admissions)
     late = asyncio.ensure_future(admissions.post(_send("ada", "late"), Deadline(0.01)))
     await asyncio.sleep(0.05)
     store.release.set()

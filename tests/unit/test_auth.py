@@ -12,9 +12,7 @@ import hmac
 import json
 import logging
 import secrets
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import jwt
 import pytest
@@ -33,6 +31,7 @@ from chatcore.identity.auth import (
     handshake_token,
     issue_token,
 )
+from tests.fakes.local_http import JsonHandler, ThreadedServer
 
 SECRET = secrets.token_urlsafe(48)
 
@@ -85,7 +84,7 @@ def hs_verifier(**kwargs) -> TokenVerifier:
 
 
 # -- a real JWKS endpoint ---------------------------------------------------
-class JwksServer:
+class JwksServer(ThreadedServer):
     """Serves ``/jwks.json`` (the keys given) and ``/broken`` (HTTP 500) on a free port."""
 
     def __init__(self, jwks: dict):
@@ -93,39 +92,15 @@ class JwksServer:
         self.requests: list[str] = []
         server = self
 
-        class Handler(BaseHTTPRequestHandler):
+        class Handler(JsonHandler):
             def do_GET(self):  # noqa: N802 (http.server API)
                 server.requests.append(self.path)
                 if self.path == "/jwks.json":
-                    body = json.dumps(server.jwks).encode()
-                    self.send_response(200)
-                    self.send_header("Content-Type", "application/json")
-                    self.send_header("Content-Length", str(len(body)))
-                    self.end_headers()
-                    self.wfile.write(body)
+                    self.send_json(200, server.jwks)
                 else:
                     self.send_error(500, "broken on purpose")
 
-            def log_message(self, *args):  # keep pytest output clean
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05},
-                                       name="jwks-server", daemon=True)
-
-    @property
-    def base(self) -> str:
-        host, port = self.httpd.server_address[:2]
-        return f"http://{host}:{port}"
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.httpd.shutdown()
-        self.httpd.server_close()
-        self.thread.join(timeout=5)
+        super().__init__(Handler, name="jwks-server")
 
 
 @pytest.fixture(scope="module")

@@ -17,22 +17,21 @@ client hangs up, and counts what it could write.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import re
 from collections.abc import AsyncIterator
 
 import pytest
 from aiohttp import web
 
-from aistream.providers import ProviderError
-from aistream.providers.base import Turn
 from aistream.providers.gemini import GeminiProvider
 from aistream.providers.http import MAX_STREAM_BYTES
 from aistream.providers.openai_compat import OpenAICompatibleProvider
 from aistream.settings import Settings
 from chatcore.errors import ConfigError
 from tests.fakes.gemini_server import GeminiFakeServer
+from tests.fakes.local_http import serving
 from tests.fakes.openai_server import OpenAIFakeServer
+from tests.unit.provider_cases import failure, reply
 
 LOCAL = {"GOOGLE_CLOUD_PROJECT": "chat-test"}
 PRODUCTION = {**LOCAL, "CHAT_ENV": "production"}
@@ -77,22 +76,6 @@ def test_local_runs_may_use_any_endpoint():
 
 
 # -- endpoints -----------------------------------------------------------------------------------
-@contextlib.asynccontextmanager
-async def serving(handler) -> AsyncIterator[str]:
-    """A local HTTP server answering every request with ``handler``; yields its base URL."""
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", handler)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        await runner.cleanup()
-
-
 class HostileEndpoint:
     """Answers ``status`` with ``head``, then ``unit`` again and again until the client hangs up."""
 
@@ -136,25 +119,13 @@ def gemini_provider(url: str, **overrides) -> GeminiProvider:
 PROVIDERS = {"openai": openai_provider, "gemini": gemini_provider}
 
 
-async def failure_of(provider) -> ProviderError:
-    """The error that ends a reply of ``provider``; the provider is closed afterwards."""
-    try:
-        with pytest.raises(ProviderError) as caught:
-            async with asyncio.timeout(20):
-                async for _ in provider.stream([Turn("user", "hi")], system=""):
-                    pass
-        return caught.value
-    finally:
-        await provider.aclose()
-
-
 @pytest.mark.parametrize("kind", PROVIDERS)
 @pytest.mark.parametrize(("answer", "cap"), [(ENDLESS_LINE, "line"), (ENDLESS_EVENT, "event|stream"),
                                              (ENDLESS_ERROR, "HTTP 500")])
 async def test_an_endless_answer_is_cut_at_a_cap(kind, answer, cap):
     hostile = HostileEndpoint(*answer)
     async with serving(hostile.handle) as url:
-        error = await failure_of(PROVIDERS[kind](url))
+        error = await failure(PROVIDERS[kind](url), limit=20)
         async with asyncio.timeout(10):
             await hostile.done.wait()  # the client hung up
     assert error.code in ("unavailable", "internal"), error
@@ -184,12 +155,7 @@ async def proxy(monkeypatch) -> AsyncIterator[list[str]]:
 @pytest.mark.parametrize(("kind", "fake"), [("openai", OpenAIFakeServer), ("gemini", GeminiFakeServer)])
 async def test_proxy_variables_are_ignored(proxy, kind, fake):
     async with fake(text="straight to the endpoint") as server:
-        provider = PROVIDERS[kind](server.root_url)
-        try:
-            async with asyncio.timeout(10):
-                text = "".join([piece async for piece in provider.stream([Turn("user", "hi")], system="")])
-        finally:
-            await provider.aclose()
+        text = "".join(await reply(PROVIDERS[kind](server.root_url)))
     assert proxy == []
     assert text == "straight to the endpoint"
 
@@ -202,7 +168,7 @@ async def test_proxy_variables_are_ignored(proxy, kind, fake):
 @pytest.mark.parametrize("mode", ["http_500", "error_mid_stream"])
 async def test_the_endpoints_words_are_logged_never_shown(kind, fake, marker, mode):
     async with fake(mode=mode) as server:
-        error = await failure_of(PROVIDERS[kind](server.root_url))
+        error = await failure(PROVIDERS[kind](server.root_url), limit=20)
     expected = {"openai": {"http_500": "the model endpoint answered HTTP 500",
                            "error_mid_stream": "the model failed mid-stream"},
                 "gemini": {"http_500": "Gemini answered HTTP 500 INTERNAL",

@@ -4,16 +4,14 @@ tests/unit/test_provider_openai.py and test_provider_limits.py hold the
 provider's behaviour (they predate the SDK and pass unchanged); these tests
 cover what the SDK would otherwise decide: the environment, retries,
 redirects, connection reuse, and the caps applied underneath its SSE decoder
-(``openai_transport.StreamCaps``).
+(``http.StreamCaps``).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import gzip
 import json
-from collections.abc import AsyncIterator
 
 import pytest
 from aiohttp import web
@@ -22,52 +20,21 @@ from aistream.providers import ProviderError
 from aistream.providers.base import Turn
 from aistream.providers.openai_compat import OpenAICompatibleProvider
 from aistream.providers.openai_transport import StreamCaps
+from tests.fakes.helpers import server_fixture
+from tests.fakes.local_http import serving
 from tests.fakes.openai_server import OpenAIFakeServer
+from tests.unit.provider_cases import failure, reply
 
 KEY = "sk-test-0123456789abcdef"
 SDK_VARIABLES = {"OPENAI_API_KEY": "sk-from-the-environment", "OPENAI_ORG_ID": "org-from-the-environment",
                  "OPENAI_PROJECT_ID": "proj-from-the-environment", "OPENAI_BASE_URL": "http://127.0.0.1:9/v1"}
 
-
-@pytest.fixture
-async def server():
-    async with OpenAIFakeServer() as fake:
-        yield fake
-
-
-@contextlib.asynccontextmanager
-async def serving(handler) -> AsyncIterator[str]:
-    """A local HTTP server answering every request with ``handler``; yields its root URL."""
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", handler)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        await runner.cleanup()
+server = server_fixture(OpenAIFakeServer)
 
 
 def provider_for(base_url: str, **overrides) -> OpenAICompatibleProvider:
     return OpenAICompatibleProvider(**{"base_url": base_url, "api_key": None, "model": "gpt-test",
                                        "max_output_tokens": 64, "timeout": 2.0} | overrides)
-
-
-async def reply(provider: OpenAICompatibleProvider) -> list[str]:
-    try:
-        async with asyncio.timeout(10):
-            return [piece async for piece in provider.stream([Turn("user", "hi")], system="")]
-    finally:
-        await provider.aclose()
-
-
-async def failure(provider: OpenAICompatibleProvider) -> ProviderError:
-    with pytest.raises(ProviderError) as caught:
-        await reply(provider)
-    return caught.value
 
 
 def sse(*payloads: object) -> bytes:

@@ -16,10 +16,8 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-import threading
 import types
 from datetime import UTC, datetime, timedelta
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, unquote, urlparse
 
 import google.auth.credentials
@@ -41,6 +39,7 @@ from chatcore.identity.signing import (
     content_disposition,
 )
 from devstack.stack import write_signing_key
+from tests.fakes.local_http import JsonHandler, ThreadedServer
 
 EMULATOR = "http://127.0.0.1:4443"
 BUCKET = "chat-uploads"
@@ -182,48 +181,31 @@ def test_content_disposition(filename, content_type, expected):
 
 
 # -- keyless mode (IAM Credentials signBlob) ------------------------------------------
-class FakeIamCredentials:
+class FakeIamCredentials(ThreadedServer):
     """A local server speaking the IAM Credentials API's signBlob method."""
 
     def __init__(self):
         self.key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
         self.calls: list[dict] = []
+        self.valid_token = "access-token-1"
         fake = self
 
-        class Handler(BaseHTTPRequestHandler):
+        class Handler(JsonHandler):
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 fake.calls.append({"path": self.path, "authorization": self.headers.get("Authorization"),
                                    "body": body})
                 if self.headers.get("Authorization") != f"Bearer {fake.valid_token}":
-                    return self._answer(401, {"error": {"code": 401, "status": "UNAUTHENTICATED"}})
+                    return self.send_json(401, {"error": {"code": 401, "status": "UNAUTHENTICATED"}})
                 signature = fake.key.sign(base64.b64decode(body["payload"]), padding.PKCS1v15(), hashes.SHA256())
-                self._answer(200, {"keyId": "0123abcd", "signedBlob": base64.b64encode(signature).decode()})
+                self.send_json(200, {"keyId": "0123abcd", "signedBlob": base64.b64encode(signature).decode()})
 
-            def _answer(self, status, payload):
-                data = json.dumps(payload).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, *args):
-                pass
-
-        self.valid_token = "access-token-1"
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.base = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
+        super().__init__(Handler, name="fake-iam-credentials")
 
 
 @pytest.fixture
 def iam(monkeypatch):
-    fake = FakeIamCredentials()
+    fake = FakeIamCredentials().start()
 
     class Redirected:
         """google-auth's requests transport, with the IAM host swapped for the local server."""
@@ -238,7 +220,7 @@ def iam(monkeypatch):
 
     monkeypatch.setattr(storage_signing, "requests", types.SimpleNamespace(Request=Redirected))
     yield fake
-    fake.close()
+    fake.stop()
 
 
 class RuntimeCredentials(google.auth.credentials.Credentials):

@@ -12,7 +12,6 @@ from __future__ import annotations
 import base64
 import binascii
 import logging
-import threading
 import uuid
 from dataclasses import dataclass
 
@@ -23,6 +22,7 @@ from chatcore import ai_requests
 from chatcore.bus import wiring
 from chatcore.errors import InvalidArgument
 from chatcore.runtime import jsonlog, tuning
+from chatcore.runtime.once import Once
 from chatcore.store.conversations import ChatStore
 from chatcore.store.replies import ReplyStore
 
@@ -40,10 +40,6 @@ class Runtime:
     settings: Settings
     runner: LoopRunner
     generator: ReplyGenerator
-
-
-_runtime: Runtime | None = None
-_lock = threading.Lock()
 
 
 def build_runtime(settings: Settings, *, firestore_client=None, publisher=None, storage_client=None,
@@ -65,16 +61,17 @@ def build_runtime(settings: Settings, *, firestore_client=None, publisher=None, 
     return Runtime(settings, runner, generator)
 
 
-def runtime() -> Runtime:
-    global _runtime
-    with _lock:
-        if _runtime is None:
-            settings = Settings.from_env()
-            jsonlog.configure(settings.log_level, settings.gcp.project_id)
-            _runtime = build_runtime(settings)
-            # After the clients exist, so they are frozen too.
-            tuning.tune(settings.gc_tuning)
-        return _runtime
+def _start() -> Runtime:
+    settings = Settings.from_env()
+    jsonlog.configure(settings.log_level, settings.gcp.project_id)
+    started = build_runtime(settings)
+    # After the clients exist, so they are frozen too.
+    tuning.tune(settings.gc_tuning)
+    return started
+
+
+# The process's runtime, built on the first request.
+runtime = Once(_start)
 
 
 def decode_push(data: dict | None) -> ai_requests.AiRequest:

@@ -7,7 +7,7 @@ defaults below. Every variable is listed in README.md.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import timedelta
 from urllib.parse import urlsplit
 
@@ -22,8 +22,10 @@ from chatcore.config import (
     env_float,
     env_int,
     env_list,
+    env_log_level,
     env_str,
     process_environ,
+    with_overrides,
 )
 from chatcore.errors import ConfigError
 
@@ -106,12 +108,10 @@ class Settings:
             image_max_bytes=env_int(env, "IMAGE_MAX_BYTES", 5 * 1024 * 1024, minimum=0),
             global_tokens_per_hour=env_int(env, "AI_GLOBAL_TOKENS_PER_HOUR", 0, minimum=0),
             uploads_bucket=env_str(env, "UPLOAD_BUCKET", topology.load().uploads_bucket),
-            log_level=env_choice(env, "LOG_LEVEL", "info", ("debug", "info", "warning", "error")),
+            log_level=env_log_level(env),
             gc_tuning=env_bool(env, "GC_TUNING", True),
         )
-        settings = replace(settings, **overrides)
-        settings.validate()
-        return settings
+        return with_overrides(settings, overrides)
 
     @property
     def claim_lease(self) -> timedelta:

@@ -115,15 +115,14 @@ def _from_resource(resource: dict | None, attributes: dict | None) -> StorageObj
         raise InvalidArgument("event has a malformed generation or size") from None
 
 
+@dataclass
 class Finalizer:
-    def __init__(self, settings: Settings, uploads: uploads_mod.UploadStore, storage_client, bus,
-                 signer: UrlSigner, runner: LoopRunner):
-        self.settings = settings
-        self.uploads = uploads
-        self.storage = storage_client
-        self.bus = bus
-        self.signer = signer
-        self.runner = runner
+    settings: Settings
+    uploads: uploads_mod.UploadStore
+    storage: Any  # google.cloud.storage.Client
+    bus: Any  # the function's write-only bus manager (chatcore.bus.wiring.function_emitter)
+    signer: UrlSigner
+    runner: LoopRunner
 
     def handle(self, obj: StorageObject) -> str:
         """Process one finalized object; returns what happened (for logs and tests)."""

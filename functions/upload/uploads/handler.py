@@ -23,6 +23,7 @@ from chatcore.errors import ChatError, InvalidArgument, Unavailable
 from chatcore.identity.auth import TokenVerifier
 from chatcore.identity.signing import UrlSigner
 from chatcore.runtime import jsonlog
+from chatcore.runtime.once import Once
 from chatcore.store import uploads as uploads_mod
 from chatcore.store.conversations import ChatStore
 
@@ -107,18 +108,14 @@ class Runtime:
             return self._finalizer
 
 
-_runtime: Runtime | None = None
-_runtime_lock = threading.Lock()
+def _start() -> Runtime:
+    settings = Settings.from_env()
+    jsonlog.configure(settings.log_level, settings.gcp.project_id)
+    return Runtime(settings)
 
 
-def runtime() -> Runtime:
-    global _runtime
-    with _runtime_lock:
-        if _runtime is None:
-            settings = Settings.from_env()
-            jsonlog.configure(settings.log_level, settings.gcp.project_id)
-            _runtime = Runtime(settings)
-        return _runtime
+# The process's runtime, built on the first request.
+runtime = Once(_start)
 
 
 # -- request_upload (HTTP) ----------------------------------------------------

@@ -8,7 +8,6 @@ overwrite an existing object.
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from datetime import timedelta
@@ -52,14 +51,9 @@ def parse_body(raw: bytes, settings: Settings) -> UploadRequest:
     """Validate the JSON body; refusals are ``InvalidArgument`` (400), ``TooLarge`` (413) or ``UnsupportedType``."""
     if len(raw) > MAX_BODY_BYTES:
         raise InvalidArgument("body too large")
-    try:
-        body = json.loads(raw) if raw.strip() else None
-    except ValueError:
-        raise InvalidArgument("body must be JSON") from None
-    except RecursionError:
-        raise InvalidArgument("body is nested too deeply") from None
-    if not isinstance(body, dict):
+    if not raw.strip():
         raise InvalidArgument("body must be a JSON object")
+    body = protocol.parse_json_object(raw)
     conversation_id = protocol.parse_conversation_id(body.get("conversation_id"))
     filename = body.get("filename")
     if not isinstance(filename, str) or not filename.strip():
@@ -99,15 +93,14 @@ def _caption(raw: Any, settings: Settings) -> str:
     return caption
 
 
+@dataclass
 class UploadRequester:
-    def __init__(self, settings: Settings, verifier: TokenVerifier, chat: ChatStore,
-                 uploads: uploads_mod.UploadStore, signer: UrlSigner, runner: LoopRunner):
-        self.settings = settings
-        self.verifier = verifier
-        self.chat = chat
-        self.uploads = uploads
-        self.signer = signer
-        self.runner = runner
+    settings: Settings
+    verifier: TokenVerifier
+    chat: ChatStore
+    uploads: uploads_mod.UploadStore
+    signer: UrlSigner
+    runner: LoopRunner
 
     def request(self, authorization: str | None, raw_body: bytes) -> dict:
         token = bearer_token(authorization)

@@ -8,7 +8,7 @@ environment > defaults below. Every variable is listed in README.md.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import timedelta
 
 from chatcore import topology
@@ -21,8 +21,11 @@ from chatcore.config import (
     env_choice,
     env_int,
     env_list,
+    env_log_level,
     env_str,
     process_environ,
+    require_explicit_cors,
+    with_overrides,
 )
 from chatcore.errors import ConfigError
 from chatcore.identity.auth import AuthConfig
@@ -80,16 +83,13 @@ class Settings:
             max_caption_chars=env_int(env, "MAX_MESSAGE_CHARS", 8000, minimum=1),
             pending_ttl_seconds=env_int(env, "UPLOAD_PENDING_TTL_SECONDS", uploads_mod.layout().pending_ttl_seconds,
                                         minimum=120),
-            log_level=env_choice(env, "LOG_LEVEL", "info", ("debug", "info", "warning", "error")),
+            log_level=env_log_level(env),
         )
-        settings = replace(settings, **overrides)
-        settings.validate()
-        return settings
+        return with_overrides(settings, overrides)
 
     def validate(self) -> None:
         if self.environment == ENV_PRODUCTION:
-            if not self.cors_allowed_origins or "*" in self.cors_allowed_origins:
-                raise ConfigError("CHAT_ENV=production needs explicit CORS_ALLOWED_ORIGINS (no '*')")
+            require_explicit_cors(self.cors_allowed_origins)
             if not self.signing.endpoint.startswith("https://"):
                 raise ConfigError("CHAT_ENV=production needs an https SIGNED_URL_ENDPOINT")
             self.auth.check_for_production()

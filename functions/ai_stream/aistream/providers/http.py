@@ -37,16 +37,53 @@ MAX_ERROR_BODY_BYTES = 64 * 1024
 _LINE_END = re.compile(rb"\r\n|\r|\n")
 
 
+class StreamCaps:
+    """Counts a body as it arrives and raises ``ProviderError`` past a cap (line, event, whole body).
+
+    Lines end with CR, LF or CRLF (a CRLF may be split between two chunks); an event is the run of
+    non-empty lines before a blank line, counted with their line ends."""
+
+    def __init__(self, *, max_line_bytes: int = MAX_LINE_BYTES, max_event_bytes: int | None = MAX_EVENT_BYTES,
+                 max_stream_bytes: int = MAX_STREAM_BYTES):
+        self.max_line_bytes = max_line_bytes
+        self.max_event_bytes = max_event_bytes
+        self.max_stream_bytes = max_stream_bytes
+        self.total = 0
+        self._line = 0          # bytes of the line not yet ended
+        self._event = 0         # bytes of the ended lines of the event not yet ended
+        self._after_cr = False  # the last chunk ended with CR: an LF first in the next one completes a CRLF
+
+    def check(self, chunk: bytes) -> None:
+        self.total += len(chunk)
+        if self.total > self.max_stream_bytes:
+            raise ProviderError(f"the model stream was longer than {self.max_stream_bytes} bytes")
+        start = 1 if self._after_cr and chunk[:1] == b"\n" else 0
+        line, event = self._line, self._event
+        for match in _LINE_END.finditer(chunk, start):
+            line += match.start() - start
+            event = event + line + 1 if line else 0  # a blank line ends the event
+            self._check_sizes(line, event)
+            line, start = 0, match.end()
+        line += len(chunk) - start
+        self._line, self._event, self._after_cr = line, event, chunk[-1:] == b"\r"
+        self._check_sizes(line, event + line)
+
+    def _check_sizes(self, line: int, event: int) -> None:
+        if line > self.max_line_bytes:
+            raise ProviderError(f"the model endpoint sent a line longer than {self.max_line_bytes} bytes")
+        if self.max_event_bytes is not None and event > self.max_event_bytes:
+            raise ProviderError(f"the model endpoint sent an event larger than {self.max_event_bytes} bytes")
+
+
 class BoundedChunks:
-    """Async iterator over a body's chunks (``read`` is aiohttp's ``readany``) that enforces the caps."""
+    """Async iterator over a body's chunks (``read`` is aiohttp's ``readany``) within the line and stream
+    caps (not the event cap: the SDK that reads these parses its own stream, which may not be SSE)."""
 
     def __init__(self, read: Callable[[], Awaitable[bytes]], *, max_line_bytes: int = MAX_LINE_BYTES,
                  max_stream_bytes: int = MAX_STREAM_BYTES):
         self._read = read
-        self.max_line_bytes = max_line_bytes
-        self.max_stream_bytes = max_stream_bytes
-        self._total = 0
-        self._line = 0  # bytes of the line not yet ended
+        self._caps = StreamCaps(max_line_bytes=max_line_bytes, max_event_bytes=None,
+                                max_stream_bytes=max_stream_bytes)
 
     def __aiter__(self) -> BoundedChunks:
         return self
@@ -55,19 +92,8 @@ class BoundedChunks:
         chunk = await self._read()
         if not chunk:
             raise StopAsyncIteration
-        self._check(chunk)
+        self._caps.check(chunk)
         return chunk
-
-    def _check(self, chunk: bytes) -> None:
-        self._total += len(chunk)
-        if self._total > self.max_stream_bytes:
-            raise ProviderError(f"the model stream was longer than {self.max_stream_bytes} bytes")
-        first, *ended_then_open = _LINE_END.split(chunk)
-        current = self._line + len(first)
-        longest = max(current, *map(len, ended_then_open)) if ended_then_open else current
-        self._line = len(ended_then_open[-1]) if ended_then_open else current
-        if longest > self.max_line_bytes:
-            raise ProviderError(f"the model endpoint sent a line longer than {self.max_line_bytes} bytes")
 
 
 def bounded_chunks(response: aiohttp.ClientResponse) -> BoundedChunks:

@@ -31,59 +31,18 @@ chained to the original so that its type can be named in a message.
 from __future__ import annotations
 
 import asyncio
-import re
 from collections.abc import AsyncIterator, Callable
 
 import aiohttp
 import httpx2
 
-from .base import ProviderError
-from .http import MAX_ERROR_BODY_BYTES, MAX_EVENT_BYTES, MAX_LINE_BYTES, MAX_STREAM_BYTES
+from .http import MAX_ERROR_BODY_BYTES, MAX_EVENT_BYTES, StreamCaps
 
 # Managed by aiohttp for the request it sends (aiohttp decompresses what it asked for, as it did before).
 _REQUEST_HEADERS_NOT_PASSED = frozenset({"host", "content-length", "transfer-encoding", "connection",
                                          "accept-encoding"})
 # The body handed to httpx2 is already decoded and may be shorter than announced: these would mislead it.
 _RESPONSE_HEADERS_NOT_PASSED = frozenset({b"content-encoding", b"content-length", b"transfer-encoding"})
-_LINE_END = re.compile(rb"\r\n|\r|\n")
-
-
-class StreamCaps:
-    """Counts a body as it arrives and raises ``ProviderError`` past a cap (line, event, whole body).
-
-    Lines end with CR, LF or CRLF (a CRLF may be split between two chunks); an event is the run of
-    non-empty lines before a blank line, counted with their line ends."""
-
-    def __init__(self, *, max_line_bytes: int = MAX_LINE_BYTES, max_event_bytes: int | None = MAX_EVENT_BYTES,
-                 max_stream_bytes: int = MAX_STREAM_BYTES):
-        self.max_line_bytes = max_line_bytes
-        self.max_event_bytes = max_event_bytes
-        self.max_stream_bytes = max_stream_bytes
-        self.total = 0
-        self._line = 0          # bytes of the line not yet ended
-        self._event = 0         # bytes of the ended lines of the event not yet ended
-        self._after_cr = False  # the last chunk ended with CR: an LF first in the next one completes a CRLF
-
-    def check(self, chunk: bytes) -> None:
-        self.total += len(chunk)
-        if self.total > self.max_stream_bytes:
-            raise ProviderError(f"the model stream was longer than {self.max_stream_bytes} bytes")
-        start = 1 if self._after_cr and chunk[:1] == b"\n" else 0
-        line, event = self._line, self._event
-        for match in _LINE_END.finditer(chunk, start):
-            line += match.start() - start
-            event = event + line + 1 if line else 0  # a blank line ends the event
-            self._check_sizes(line, event)
-            line, start = 0, match.end()
-        line += len(chunk) - start
-        self._line, self._event, self._after_cr = line, event, chunk[-1:] == b"\r"
-        self._check_sizes(line, event + line)
-
-    def _check_sizes(self, line: int, event: int) -> None:
-        if line > self.max_line_bytes:
-            raise ProviderError(f"the model endpoint sent a line longer than {self.max_line_bytes} bytes")
-        if self.max_event_bytes is not None and event > self.max_event_bytes:
-            raise ProviderError(f"the model endpoint sent an event larger than {self.max_event_bytes} bytes")
 
 
 class BoundedBody(httpx2.AsyncByteStream):

@@ -10,8 +10,8 @@ from .async_publisher import AsyncPublisher
 from .async_pubsub_manager import AsyncGooglePubSubManager
 from .loop_runner import LoopRunner
 from .publisher import Publisher
-from .pubsub_rpc import backoff
 from .pubsub_manager import GooglePubSubManager
+from .pubsub_rpc import backoff
 from .subscriber import Subscriber
 from .subscriptions import FilteredTopic, SubscriptionTemplate
 
