@@ -800,7 +800,7 @@ async def publish_cost(args, stack: Stack) -> dict:
             await proc.wait()
     r = json.loads(line)
     r["load"] = load()
-    names = {"async_transport": "chatcore AsyncPublisher", "transport": "chatcore Publisher (threads)",
+    names = {"async_transport": "socketio_pubsub_gcp AsyncPublisher", "transport": "socketio_pubsub_gcp Publisher (threads)",
              "google_client": "threaded PublisherClient", "async_gapic": "asyncio GAPIC"}
     ways = "; ".join(f"{name} {r[key]['cpu_ms_per_message']} ms CPU/msg (latency p50 {r[key]['latency']['p50_ms']} "
                      f"ms, p99 {r[key]['latency']['p99_ms']} ms)" for key, name in names.items())
@@ -960,7 +960,7 @@ def table(results: dict) -> str:
             pc = d["publish_cost"]
             ways = ("async_transport", "transport", "google_client", "async_gapic")
             rows.append(f"| CPU per bus message at {pc['rate']:g} msgs/s over {pc['keys']} rooms: chatcore "
-                        f"AsyncPublisher (as now) / chatcore Publisher (threads) / threaded PublisherClient / "
+                        f"AsyncPublisher (as now) / socketio_pubsub_gcp Publisher (threads) / threaded PublisherClient / "
                         f"asyncio GAPIC client | {' / '.join(str(pc[w]['cpu_ms_per_message']) for w in ways)} ms; "
                         f"publish latency p99 {' / '.join(str(pc[w]['latency']['p99_ms']) for w in ways)} ms |")
         b = push["burst"]
