@@ -580,6 +580,8 @@
     renderParticipants(c);
     const owner = isOwner(c);
     $("add-people").hidden = !owner;
+    $("rename-conv").hidden = !owner;
+    $("delete-conv").hidden = !owner;
     if (!owner) $("add-participant-form").hidden = true;
     const mode = c.ai_mode || "always";
     $("ai-mode").value = mode;
@@ -1418,6 +1420,58 @@
     $("uploads").append(row);
   }
 
+  // ------------------------------------------------- rename and delete (owner)
+  function openRename() {
+    const c = state.conversations.get(state.currentId);
+    if (!c) return;
+    $("rename-input").value = c.title || "";
+    $("rename-error").textContent = "";
+    $("rename").showModal();
+    $("rename-input").select();
+  }
+
+  async function saveRename() {
+    const c = state.conversations.get(state.currentId);
+    const title = $("rename-input").value.trim();
+    if (!c) { $("rename").close(); return; }
+    if (!title) { $("rename-error").textContent = "A title cannot be empty."; return; }
+    if (title === c.title) { $("rename").close(); return; }
+    try {
+      mergeConversation(await http("PATCH", convPath(c.id), { title }));
+      $("rename").close();
+      renderConversations();
+      renderChatHead();
+    } catch (e) {
+      $("rename-error").textContent = "Could not rename: " + e.message;
+    }
+  }
+
+  function openDelete() {
+    const c = state.conversations.get(state.currentId);
+    if (!c) return;
+    $("delete-conv-text").textContent = "“" + (c.title || "(untitled)") + "”, its messages and its files are " +
+      "deleted for everyone in it. This cannot be undone.";
+    $("delete-conv-error").textContent = "";
+    $("delete-conv-dialog").showModal();
+  }
+
+  async function confirmDelete() {
+    const c = state.conversations.get(state.currentId);
+    if (!c) { $("delete-conv-dialog").close(); return; }
+    $("delete-conv-confirm").disabled = true;
+    try {
+      await http("DELETE", convPath(c.id));
+      $("delete-conv-dialog").close();
+      state.conversations.delete(c.id);
+      closeConversation();
+      notice("The conversation “" + (c.title || "(untitled)") + "” was deleted.", false);
+    } catch (e) {
+      $("delete-conv-error").textContent = "Could not delete: " + e.message;
+    } finally {
+      $("delete-conv-confirm").disabled = false;
+    }
+  }
+
   // ---------------------------------------------------------------- profile
   function openProfile() {
     $("profile-name").value = state.me.name || "";
@@ -1515,6 +1569,12 @@
     $("participant-confirm").addEventListener("click", addFoundParticipant);
     $("participant-cancel").addEventListener("click", hideAddForm);
     $("ai-mode").addEventListener("change", () => setAiMode($("ai-mode").value));
+    $("rename-conv").addEventListener("click", openRename);
+    $("rename-form").addEventListener("submit", (ev) => { ev.preventDefault(); saveRename(); });
+    $("rename-cancel").addEventListener("click", () => $("rename").close());
+    $("delete-conv").addEventListener("click", openDelete);
+    $("delete-conv-confirm").addEventListener("click", confirmDelete);
+    $("delete-conv-cancel").addEventListener("click", () => $("delete-conv-dialog").close());
     $("me").addEventListener("click", openProfile);
     $("profile-form").addEventListener("submit", (ev) => { ev.preventDefault(); saveProfile(); });
     $("profile-cancel").addEventListener("click", () => $("profile").close());
