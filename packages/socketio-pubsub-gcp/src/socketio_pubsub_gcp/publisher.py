@@ -39,6 +39,7 @@ import threading
 import time
 from collections import deque
 from concurrent.futures import Future, InvalidStateError
+from typing import Any
 from urllib.parse import quote
 
 import grpc
@@ -119,6 +120,15 @@ class KeyedBatches:
             _MESSAGE(data=data, ordering_key=ordering_key, attributes=attributes) for data, attributes, _ in batch])
         metadata = (("x-goog-request-params", f"topic={quote(topic, safe='')}"),)
         return request, metadata
+
+    def _prepared(self, key: tuple[str, str], batch: list) -> tuple[Any, Any, float] | Exception:
+        """The batch's request, its metadata and its retry deadline; or the error that fails the batch
+        before any attempt (e.g. an attribute that is not a string)."""
+        try:
+            request, metadata = self._request(key, batch)
+        except Exception as exc:
+            return exc
+        return request, metadata, time.monotonic() + self.retry_deadline
 
     def _after_error(self, exc: Exception, attempt: int, deadline: float) -> float | BaseException:
         """After failed attempt ``attempt``: seconds to wait before the next, or the error that fails the batch."""
@@ -216,11 +226,10 @@ class Publisher(KeyedBatches, PublisherClientOwner):
 
     def _send(self, key: tuple[str, str], batch: list) -> tuple[list[str], BaseException | None]:
         """One batch, retried while the error is transient: ``(message_ids, error)``."""
-        try:
-            request, metadata = self._request(key, batch)
-        except Exception as exc:  # e.g. an attribute that is not a string
-            return [], exc
-        deadline, attempt = time.monotonic() + self.retry_deadline, 0
+        prepared = self._prepared(key, batch)
+        if isinstance(prepared, Exception):
+            return [], prepared
+        (request, metadata, deadline), attempt = prepared, 0
         while True:
             try:
                 # Creating the client can fail (e.g. credentials not available yet): that
