@@ -12,6 +12,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from deploy import __main__ as cli
 from deploy import checks, doctor
@@ -361,12 +363,16 @@ def test_adc_without_quota_project_fails_when_terraform_does_not_override(make, 
 
 
 def test_adc_other_credential_kinds_and_missing_files(make, tmp_path):
+    # A service-account key file as Google issues them, with a key generated here for the test.
+    pem = ec.generate_private_key(ec.SECP256R1()).private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()).decode()
     key = tmp_path / "sa.json"
-    key.write_text(json.dumps({"type": "service_account", "private_key": "-----BEGIN PRIVATE KEY-----\nMII",
+    key.write_text(json.dumps({"type": "service_account", "private_key": pem,
                                "client_email": f"ci@{PROJECT}.iam.gserviceaccount.com"}))
     ctx, _ = make(environ={"GOOGLE_APPLICATION_CREDENTIALS": str(key)})
     result = only(local.application_default_credentials, ctx, Status.OK, "service_account credentials")
-    assert "PRIVATE KEY" not in doctor.format_result(result)
+    shown = doctor.format_result(result)
+    assert "PRIVATE KEY" not in shown and pem.splitlines()[1] not in shown
     ctx, _ = make(environ={"GOOGLE_APPLICATION_CREDENTIALS": str(tmp_path / "gone.json")})
     only(local.application_default_credentials, ctx, Status.FAIL, "names a missing file")
     ctx, _ = make(environ={})  # no file in the fake home
