@@ -21,6 +21,9 @@ class Once(Generic[T]):
         self._value: T | None = None
 
     def __call__(self) -> T:
+        value = self._value
+        if value is not None:  # built: no lock on every request
+            return value
         with self._lock:
             if self._value is None:
                 self._value = self._build()

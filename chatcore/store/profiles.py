@@ -133,6 +133,9 @@ class ProfileStore:
                 await self.ensure(user_id, token_name)
             except Exception as exc:  # the next connect or call tries again
                 logger.warning("profile of %s not written: %r", user_id, exc)
+        # Out of the count now, with nothing awaited since the queue was seen empty: an ensure_soon
+        # that runs before the task's done-callback must start a writer for what it queues.
+        self._background.discard(asyncio.current_task())
 
     async def close(self) -> None:
         """Stop the profile writes still running (at shutdown), and wait for them to unwind.

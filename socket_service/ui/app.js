@@ -1462,9 +1462,7 @@
     try {
       await http("DELETE", convPath(c.id));
       $("delete-conv-dialog").close();
-      state.conversations.delete(c.id);
-      closeConversation();
-      notice("The conversation “" + (c.title || "(untitled)") + "” was deleted.", false);
+      dropConversation(c.id, "deleted");  // a no-op if the server's conversation_updated came first
     } catch (e) {
       $("delete-conv-error").textContent = "Could not delete: " + e.message;
     } finally {

@@ -115,7 +115,7 @@ def _from_resource(resource: dict | None, attributes: dict | None) -> StorageObj
         raise InvalidArgument("event has a malformed generation or size") from None
 
 
-@dataclass
+@dataclass(eq=False, repr=False)  # collaborators, not values: no comparison, no repr of the settings
 class Finalizer:
     settings: Settings
     uploads: uploads_mod.UploadStore

@@ -93,7 +93,7 @@ def _caption(raw: Any, settings: Settings) -> str:
     return caption
 
 
-@dataclass
+@dataclass(eq=False, repr=False)  # collaborators, not values: no comparison, no repr of the settings
 class UploadRequester:
     settings: Settings
     verifier: TokenVerifier

@@ -138,10 +138,11 @@ class AsyncPublisher(KeyedBatches, PublisherClientOwner):
 
     async def _send(self, key: tuple[str, str], batch: list) -> tuple[list[str], BaseException | None]:
         """One batch, retried while the error is transient: ``(message_ids, error)``."""
-        prepared = self._prepared(key, batch)
-        if isinstance(prepared, Exception):
-            return [], prepared
-        (request, metadata, deadline), attempt = prepared, 0
+        try:
+            request, metadata, deadline = self._prepared(key, batch)
+        except Exception as exc:
+            return [], exc
+        attempt = 0
         while True:
             try:  # CancelledError is not an Exception: it goes through
                 rpc = await self._rpc()

@@ -121,13 +121,10 @@ class KeyedBatches:
         metadata = (("x-goog-request-params", f"topic={quote(topic, safe='')}"),)
         return request, metadata
 
-    def _prepared(self, key: tuple[str, str], batch: list) -> tuple[Any, Any, float] | Exception:
-        """The batch's request, its metadata and its retry deadline; or the error that fails the batch
-        before any attempt (e.g. an attribute that is not a string)."""
-        try:
-            request, metadata = self._request(key, batch)
-        except Exception as exc:
-            return exc
+    def _prepared(self, key: tuple[str, str], batch: list) -> tuple[Any, Any, float]:
+        """The batch's request, its metadata and its retry deadline. Raises what fails the batch before
+        any attempt (e.g. an attribute that is not a string)."""
+        request, metadata = self._request(key, batch)
         return request, metadata, time.monotonic() + self.retry_deadline
 
     def _after_error(self, exc: Exception, attempt: int, deadline: float) -> float | BaseException:
@@ -226,10 +223,11 @@ class Publisher(KeyedBatches, PublisherClientOwner):
 
     def _send(self, key: tuple[str, str], batch: list) -> tuple[list[str], BaseException | None]:
         """One batch, retried while the error is transient: ``(message_ids, error)``."""
-        prepared = self._prepared(key, batch)
-        if isinstance(prepared, Exception):
-            return [], prepared
-        (request, metadata, deadline), attempt = prepared, 0
+        try:
+            request, metadata, deadline = self._prepared(key, batch)
+        except Exception as exc:
+            return [], exc
+        attempt = 0
         while True:
             try:
                 # Creating the client can fail (e.g. credentials not available yet): that
